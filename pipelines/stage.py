@@ -1,0 +1,119 @@
+"""The stage registry and the cached, resumable stage runner (no Prefect here).
+
+Every stage module in `pipelines/` defines
+
+    STAGE: str                      # its name, one of edgesam.config.STAGES
+    UPSTREAM: tuple[str, ...]       # the stages whose artifacts it reads
+    def run(cfg, runtime, inputs, out) -> dict
+
+where `cfg` is its own section of `PipelineConfig` (the only config that enters its
+fingerprint), `runtime` the shared `RuntimeConfig`, `inputs` the committed upstream
+artifacts by stage name, and `out` the artifact directory to fill. `run` returns the
+manifest body; the runner commits it last. `out` may hold a previous interrupted
+attempt's partial files (checkpoints, finished shards), which `run` may resume from.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Iterable
+
+from edgesam.artifacts import Artifact, ArtifactStore, code_version, fingerprint
+from edgesam.config import STAGES, PipelineConfig
+
+log = logging.getLogger("edgesam.pipelines")
+
+# Which stage reads which config section; also the module name under `pipelines/`.
+SECTIONS = {
+    "data": "data", "shard": "shard", "teacher": "teacher", "embed": "embed",
+    "encoder_kd": "encoder_kd", "prompt_kd": "prompt_kd", "rpn": "rpn",
+    "evaluate": "evaluate", "export": "export",
+}
+
+
+class MissingUpstreamError(RuntimeError):
+    """A stage was asked to run but an upstream artifact it needs is not committed."""
+
+
+def stage_module(name: str) -> ModuleType:
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    return importlib.import_module(f"pipelines.{name}")
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    name: str
+    fingerprint: str
+    upstream: dict[str, str]  # upstream stage -> fingerprint
+
+
+def plan(cfg: PipelineConfig) -> dict[str, PlannedStage]:
+    """Fingerprint every stage from the config alone, in DAG order."""
+    planned: dict[str, PlannedStage] = {}
+    for name in STAGES:
+        module = stage_module(name)
+        upstream = {u: planned[u].fingerprint for u in module.UPSTREAM}
+        fp = fingerprint(name, getattr(cfg, SECTIONS[name]), upstream, code_version(module.__file__))
+        planned[name] = PlannedStage(name, fp, upstream)
+    return planned
+
+
+def downstream_closure(stages: Iterable[str]) -> set[str]:
+    """The given stages and every stage that (transitively) reads them."""
+    closed = set(stages)
+    for name in STAGES:
+        if set(stage_module(name).UPSTREAM) & closed:
+            closed.add(name)
+    return closed
+
+
+def run_stage(name: str, cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False) -> tuple[Artifact, bool]:
+    """Run one stage (or take it from the cache). Returns (artifact, was_cached)."""
+    planned = plan(cfg)[name]
+    artifact = store.artifact(name, planned.fingerprint)
+    if artifact.complete and not force:
+        log.info("stage %s: cached (%s)", name, artifact.path)
+        return artifact, True
+    inputs: dict[str, Artifact] = {}
+    for up, fp in planned.upstream.items():
+        upstream_artifact = store.artifact(up, fp)
+        if not upstream_artifact.complete:
+            raise MissingUpstreamError(
+                f"stage {name!r} needs the {up!r} artifact {upstream_artifact.path}, which is not committed; "
+                f"run stage {up!r} first (or the whole flow)"
+            )
+        inputs[up] = upstream_artifact
+    if artifact.complete:  # forced: uncommit before recomputing
+        artifact.manifest_path.unlink()
+    artifact.path.mkdir(parents=True, exist_ok=True)
+    log.info("stage %s: running -> %s", name, artifact.path)
+    start = time.perf_counter()
+    module = stage_module(name)
+    body = module.run(getattr(cfg, SECTIONS[name]), cfg.runtime, inputs, artifact.path)
+    elapsed = time.perf_counter() - start
+    artifact.commit({
+        **body,
+        "config": getattr(cfg, SECTIONS[name]).model_dump(mode="json"),
+        "upstream": planned.upstream,
+        "seconds": round(elapsed, 2),
+    })
+    log.info("stage %s: done in %.1fs", name, elapsed)
+    return artifact, False
+
+
+def run_dag(
+    cfg: PipelineConfig,
+    store: ArtifactStore | None = None,
+    stages: Iterable[str] | None = None,
+    force: Iterable[str] = (),
+) -> dict[str, tuple[Artifact, bool]]:
+    """Run the DAG (or only `stages`, reading the rest from the cache) without Prefect."""
+    store = store or ArtifactStore(cfg.runtime.work_dir)
+    selected = list(STAGES) if stages is None else [s for s in STAGES if s in set(stages)]
+    forced = downstream_closure(force) & set(selected)
+    return {name: run_stage(name, cfg, store, force=name in forced) for name in selected}
