@@ -1,0 +1,76 @@
+"""EdgeSAM's student image encoder: any timm CNN backbone plus an FPN neck.
+
+The backbone keeps all of its downsampling layers (stride 32). Its stride-16 and stride-32
+feature maps are projected to 256 channels by 1x1 convolutions, the stride-32 map is
+upsampled x2 and added, and a SAM-style neck (1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d)
+produces the 256 x S/16 x S/16 embedding that SAM's mask decoder expects.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import timm
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling.common import LayerNorm2d
+from timm.utils import reparameterize_model
+from torch import nn
+
+UpsampleMode = Literal["bilinear", "bicubic", "nearest"]
+
+
+class StudentEncoder(nn.Module):
+    """timm backbone (features_only) + FPN neck -> (B, out_chans, S/16, S/16)."""
+
+    def __init__(
+        self,
+        backbone: str = "repvit_m1",
+        img_size: int = 1024,
+        out_chans: int = 256,
+        upsample_mode: UpsampleMode = "bilinear",
+        pretrained: bool = False,
+    ) -> None:
+        super().__init__()
+        if img_size % 32:
+            raise ValueError(f"img_size must be divisible by 32, got {img_size}")
+        if upsample_mode not in ("bilinear", "bicubic", "nearest"):
+            raise ValueError(f"upsample_mode must be bilinear, bicubic or nearest, got {upsample_mode!r}")
+        self.backbone_name = backbone
+        self.img_size = img_size  # read by segment_anything's SamPredictor
+        self.upsample_mode = upsample_mode
+        self.fused = False
+        self.backbone = timm.create_model(backbone, pretrained=pretrained, features_only=True)
+        reductions = self.backbone.feature_info.reduction()
+        channels = self.backbone.feature_info.channels()
+        if 16 not in reductions or 32 not in reductions:
+            raise ValueError(
+                f"timm backbone {backbone!r} has feature strides {reductions}; 16 and 32 are needed"
+            )
+        # The last feature map at each stride (a stage may expose several).
+        self.index16 = max(i for i, r in enumerate(reductions) if r == 16)
+        self.index32 = max(i for i, r in enumerate(reductions) if r == 32)
+        self.lateral16 = nn.Conv2d(channels[self.index16], out_chans, kernel_size=1, bias=False)
+        self.lateral32 = nn.Conv2d(channels[self.index32], out_chans, kernel_size=1, bias=False)
+        self.neck = nn.Sequential(
+            nn.Conv2d(out_chans, out_chans, kernel_size=1, bias=False),
+            LayerNorm2d(out_chans),
+            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(out_chans),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(x)
+        top = self.lateral32(features[self.index32])
+        kwargs = {} if self.upsample_mode == "nearest" else {"align_corners": False}
+        top = F.interpolate(top, scale_factor=2.0, mode=self.upsample_mode, **kwargs)
+        return self.neck(self.lateral16(features[self.index16]) + top)
+
+    def fuse(self) -> StudentEncoder:
+        """Reparameterize the backbone for inference in place (conv+BN, RepVGG branches).
+
+        Backbones without fusable modules are left unchanged. Call on a model in eval mode.
+        """
+        self.backbone = reparameterize_model(self.backbone.eval(), inplace=True)
+        self.fused = True
+        return self
