@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from edgesam.models.rpn import RPN, assign_targets, knn_merge, load_rpn, proposals, rpn_loss, save_rpn
+
+
+def test_knn_merge_weights_by_confidence():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [2, 2, 14, 14], [100, 100, 120, 120]])
+    scores = torch.tensor([0.75, 0.25, 1.0])
+    merged = knn_merge(torch.tensor([[6.0, 6.0]]), boxes, scores, k=2)
+    expected = 0.75 * boxes[0] + 0.25 * boxes[1]
+    torch.testing.assert_close(merged, expected[None])
+
+
+def test_knn_merge_respects_k():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10]])
+    scores = torch.tensor([1.0, 1.0, 1.0])
+    point = torch.tensor([[4.0, 5.0]])
+    torch.testing.assert_close(knn_merge(point, boxes, scores, k=1), boxes[:1])
+    torch.testing.assert_close(knn_merge(point, boxes, scores, k=2), boxes[:2].mean(0, keepdim=True))
+    # k beyond the proposal count uses them all; several points are merged independently
+    merged = knn_merge(torch.tensor([[4.0, 5.0], [46.0, 5.0]]), boxes, scores, k=10)
+    torch.testing.assert_close(merged, boxes.mean(0, keepdim=True).expand(2, 4))
+    assert knn_merge(point, boxes[:0], scores[:0], k=3) is None
+    with pytest.raises(ValueError):
+        knn_merge(point, boxes, scores, k=0)
+
+
+def _features(rpn: RPN, batch: int, size: int) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    return [torch.randn(batch, c, size // s, size // s) for c, s in zip(rpn.config["in_channels"], rpn.strides)]
+
+
+def test_assignment_prefers_the_level_of_the_box_size():
+    rpn = RPN([8, 8, 8], channels=16, num_convs=1)
+    shapes = [(32, 32), (16, 16), (8, 8)]  # a 256 x 256 input
+    small = torch.tensor([[40.0, 40, 60, 60]])  # extent ~10 < 64 -> stride 8
+    medium = torch.tensor([[0.0, 0, 180, 180]])  # extent ~90 in [64, 128) -> stride 16
+    large = torch.tensor([[0.0, 0, 256, 256]])  # extent >= 128 -> stride 32
+    for box, level in ((small, 0), (medium, 1), (large, 2)):
+        labels, targets = assign_targets(rpn, shapes, [box])
+        sizes = [h * w for h, w in shapes]
+        per_level = labels[0].split(sizes)
+        counts = torch.stack([p.sum() for p in per_level])
+        assert counts.argmax() == level, counts  # centre sampling may also reach a neighbour level
+        assert torch.isfinite(targets[labels > 0]).all()
+
+
+def test_rpn_overfits_a_box_and_proposes_it(tmp_path):
+    rpn = RPN([8, 8, 8], channels=16, num_convs=1)
+    features = _features(rpn, 1, 128)
+    gt = [torch.tensor([[30.0, 20, 90, 70]])]
+    opt = torch.optim.Adam(rpn.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(60):
+        logits, deltas = rpn(features)
+        loss, parts = rpn_loss(rpn, logits, deltas, gt)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]
+    save_rpn(rpn, tmp_path / "rpn.pt", note="test")
+    loaded = load_rpn(tmp_path / "rpn.pt")
+    boxes, scores = proposals(loaded, *loaded(features), valid_hw=[(128, 128)], score_threshold=0.3)[0]
+    assert len(boxes) >= 1
+    assert (boxes[0] - gt[0][0]).abs().max() < 8
+    merged = knn_merge(torch.tensor([[60.0, 45.0]]), boxes, scores, k=3)
+    assert (merged[0] - gt[0][0]).abs().max() < 8
