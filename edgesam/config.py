@@ -46,7 +46,9 @@ class RuntimeConfig(_Config):
 
     work_dir: Path = Path("runs")
     ray_address: str | None = None  # None: use RAY_ADDRESS or start a local Ray
-    num_workers: int = 1  # Ray Train workers
+    num_workers: int = 1  # Ray Train workers (0: in-process, for unit tests only)
+    cpus_per_worker: int = 1  # CPU workers: Ray CPUs and torch threads per worker
+    object_store_mb: int = 512  # object store of a local Ray (bounds Ray Data's memory)
     use_gpu: bool | None = None  # None: use GPUs when present
     seed: int = 0
 

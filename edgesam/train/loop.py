@@ -1,0 +1,226 @@
+"""The training loop that runs on every Ray Train worker (rank 0 logs and checkpoints)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from edgesam.config import TrainConfig
+from edgesam.train.checkpoint import (
+    last_checkpoint_path,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from edgesam.train.schedule import build_scheduler, scaled_lr
+from edgesam.train.task import TrainTask
+
+log = logging.getLogger("edgesam.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stopped without touching the last checkpoint."""
+
+    def __init__(self, step: int, loss: float, checkpoint: str | None, checkpoint_step: int | None):
+        self.step, self.loss = step, loss
+        self.checkpoint, self.checkpoint_step = checkpoint, checkpoint_step
+        where = (
+            f"the last good checkpoint is {checkpoint} (step {checkpoint_step}), left intact"
+            if checkpoint else "no checkpoint was written yet"
+        )
+        super().__init__(
+            f"non-finite loss ({loss}) at step {step}; training stopped, {where}. "
+            "Lower the learning rate or tighten grad_clip, then rerun to resume."
+        )
+
+    def __reduce__(self):
+        return (type(self), (self.step, self.loss, self.checkpoint, self.checkpoint_step))
+
+
+def total_steps(cfg: TrainConfig, num_samples: int, world_size: int) -> tuple[int, int]:
+    """(steps per epoch, total steps): `epochs` of the data, capped by `max_steps`."""
+    steps_per_epoch = max(1, math.ceil(num_samples / (cfg.batch_size * world_size)))
+    steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    if cfg.max_steps is not None:
+        steps = min(steps, cfg.max_steps)
+    return steps_per_epoch, steps
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    """Move every tensor in a (nested) batch to `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+def _batch_stream(task: TrainTask, rank: int, world: int, batch_size: int, steps_per_epoch: int,
+                  start_step: int) -> Iterator[Any]:
+    """Batches from `start_step` on: each epoch yields at most `steps_per_epoch` batches."""
+    epoch, skip = divmod(start_step, steps_per_epoch)
+    while True:
+        taken = 0
+        for index, batch in enumerate(task.batches(rank, world, epoch, batch_size)):
+            if index >= steps_per_epoch:
+                break
+            taken += 1
+            if index < skip:
+                continue
+            yield batch
+        if taken == 0:
+            raise RuntimeError(f"{type(task).__name__}.batches() yielded no batch for epoch {epoch}")
+        epoch, skip = epoch + 1, 0
+
+
+def _all_reduce_grads(params: list[torch.nn.Parameter], loss: torch.Tensor, world: int) -> torch.Tensor:
+    """Average gradients (and the loss) over workers in one flat all-reduce."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().float().reshape(1).to(grads[0].dtype)])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(g).to(p.dtype)
+        offset += n
+    return flat[-1]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train's `train_loop_per_worker`: train `config["task"]` and return the history."""
+    import ray.train
+    import ray.train.torch
+
+    task: TrainTask = config["task"]
+    cfg: TrainConfig = config["cfg"]
+    out_dir = Path(config["out_dir"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
+    if config.get("threads"):
+        torch.set_num_threads(config["threads"])
+    is_main = rank == 0
+    if is_main:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    _seed_everything(config["seed"])  # identical initial weights on every rank
+    model = task.build_model().to(device)
+    trainable = list(task.parameters(model))
+    trainable_ids = {id(p) for p in trainable}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable_ids)
+    if world > 1:
+        for p in model.state_dict().values():
+            dist.broadcast(p, 0)
+    _seed_everything(config["seed"] + 1000 * rank)
+
+    steps_per_epoch, steps = total_steps(cfg, task.num_samples(), world)
+    lr = scaled_lr(cfg.lr, cfg.batch_size, world, cfg.lr_ref_batch)
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, steps, cfg.warmup_steps, cfg.min_lr_ratio)
+    amp = cfg.amp and device.type == "cuda"
+    ckpt_path = last_checkpoint_path(out_dir)
+
+    step, history, ckpt_step = 0, [], None
+    if ckpt_path.is_file():
+        state = load_checkpoint(ckpt_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, history, ckpt_step = state["step"], list(state["history"]), state["step"]
+        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        if is_main:
+            log.info("resuming from %s at step %d/%d", ckpt_path, step, steps)
+
+    def checkpoint() -> None:
+        nonlocal ckpt_step
+        rngs = [None] * world
+        if world > 1:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if is_main:
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step, "rng": rngs, "history": history,
+            })
+        ckpt_step = step
+
+    if is_main:
+        log.info("%s: %d steps (%d per epoch), %d worker(s) x batch %d, peak lr %.2e, device %s%s",
+                 type(task).__name__, steps, steps_per_epoch, world, cfg.batch_size, lr, device,
+                 ", bf16 autocast" if amp else "")
+    model.train()
+    stream = _batch_stream(task, rank, world, cfg.batch_size, steps_per_epoch, step)
+    bar = tqdm(total=steps, initial=step, desc=type(task).__name__, disable=not is_main, mininterval=2.0)
+    window_images, window_start, window_losses = 0, time.perf_counter(), []
+    window_metrics: dict[str, list[float]] = {}
+    start = time.perf_counter()
+    images_total = 0
+    while step < steps:
+        batch = move_to(next(stream), device)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+        with autocast:
+            loss, metrics = task.loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        loss_value = _all_reduce_grads(trainable, loss, world) if world > 1 else loss.detach()
+        loss_value = float(loss_value)
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(step + 1, loss_value, str(ckpt_path) if ckpt_step is not None else None, ckpt_step)
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        images = task.batch_size_of(batch) * world
+        window_images += images
+        images_total += images
+        window_losses.append(loss_value)
+        for key, value in metrics.items():
+            window_metrics.setdefault(key, []).append(float(value))
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == steps:
+            elapsed = time.perf_counter() - window_start
+            record = {
+                "step": step, "loss": float(np.mean(window_losses)), "lr": scheduler.get_last_lr()[0],
+                "images_per_s": window_images / max(elapsed, 1e-9),
+                **{k: float(np.mean(v)) for k, v in window_metrics.items()},
+            }
+            history.append(record)
+            if is_main:
+                bar.set_postfix(loss=f"{record['loss']:.4f}", ips=f"{record['images_per_s']:.1f}")
+                log.info("step %d/%d loss %.4f lr %.2e %.1f images/s", step, steps, record["loss"],
+                         record["lr"], record["images_per_s"])
+            window_images, window_start, window_losses, window_metrics = 0, time.perf_counter(), [], {}
+        if step % cfg.checkpoint_every == 0 or step == steps:
+            checkpoint()
+    bar.close()
+    seconds = time.perf_counter() - start
+    files = task.save(model, out_dir) if is_main else {}
+    if world > 1:
+        dist.barrier()
+    return {
+        "steps": steps, "history": history, "files": files, "train_seconds": round(seconds, 2),
+        "images_per_s": images_total / max(seconds, 1e-9),
+    }

@@ -1,0 +1,39 @@
+"""The interface between a trainer (teacher, encoder KD, prompt KD, RPN) and `fit`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class TrainTask(Protocol):
+    """What `edgesam.train.fit` needs to know about one training job.
+
+    A task is a small picklable object (e.g. a dataclass of paths and settings): it is
+    shipped to every Ray Train worker, which builds the model and reads its data shard.
+    """
+
+    def build_model(self) -> nn.Module:
+        """The model to train, on CPU (the loop moves it to the worker's device)."""
+
+    def parameters(self, model: nn.Module) -> Iterable[nn.Parameter]:
+        """The trainable parameters; every other parameter of `model` is frozen."""
+
+    def num_samples(self) -> int:
+        """Samples in one epoch over all workers (sets the steps per epoch)."""
+
+    def batches(self, rank: int, world_size: int, epoch: int, batch_size: int) -> Iterable[Any]:
+        """This worker's batches of `epoch`, deterministic in (rank, world_size, epoch)."""
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """Scalar loss of a batch (already on the model's device) and metrics to log."""
+
+    def batch_size_of(self, batch: Any) -> int:
+        """Images in `batch` (for throughput)."""
+
+    def save(self, model: nn.Module, out_dir: Path) -> dict[str, Any]:
+        """Write the final artifact files (atomically); return their manifest entries."""

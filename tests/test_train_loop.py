@@ -1,0 +1,134 @@
+"""The shared training loop: loss falls, schedule, resume after a kill, NaN stops cleanly, Ray Train."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from edgesam.config import RuntimeConfig, TrainConfig
+from edgesam.train import NonFiniteLossError, fit, last_checkpoint_path, load_checkpoint, warmup_cosine_factor
+
+LOCAL = RuntimeConfig(num_workers=0, seed=0)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@dataclass
+class LinearTask:
+    """Regress y = x @ w_true with a linear layer; optionally crash or emit NaN at a step."""
+
+    samples: int = 64
+    crash_at: int | None = None  # raise at this (1-based) loss call: a killed run
+    nan_at: int | None = None
+
+    def __post_init__(self) -> None:
+        self.calls = 0
+
+    def build_model(self) -> nn.Module:
+        return nn.Linear(8, 1)
+
+    def parameters(self, model):
+        return model.parameters()
+
+    def num_samples(self) -> int:
+        return self.samples
+
+    def batches(self, rank, world_size, epoch, batch_size):
+        g = torch.Generator().manual_seed(1000 * epoch + rank)
+        w_true = torch.arange(8, dtype=torch.float32).reshape(8, 1) / 8
+        x = torch.randn(self.samples // world_size, 8, generator=g)
+        for i in range(0, len(x), batch_size):
+            yield {"x": x[i:i + batch_size], "y": x[i:i + batch_size] @ w_true}
+
+    def loss(self, model, batch):
+        self.calls += 1
+        if self.crash_at == self.calls:
+            raise Crash(f"killed at call {self.calls}")
+        noise = 1e-3 * torch.randn(())  # consumes the RNG: resume must restore it
+        loss = ((model(batch["x"]) - batch["y"]) ** 2).mean() + noise * 0
+        if self.nan_at is not None and self.calls >= self.nan_at:
+            loss = loss * float("nan")
+        return loss, {"mse": float(loss.detach())}
+
+    def batch_size_of(self, batch) -> int:
+        return len(batch["x"])
+
+    def save(self, model, out_dir: Path):
+        path = Path(out_dir) / "model.pt"
+        torch.save(model.state_dict(), path)
+        return {"model": str(path)}
+
+
+CFG = TrainConfig(epochs=4, batch_size=8, lr=0.05, lr_ref_batch=8, warmup_steps=3,
+                  checkpoint_every=5, log_every=4, grad_clip=1.0)
+
+
+def test_schedule_warms_up_then_decays_to_min():
+    factors = [warmup_cosine_factor(s, 100, 10, 0.1) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
+    assert warmup_cosine_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
+
+
+def test_loss_falls_and_artifacts_written(tmp_path):
+    result = fit(LinearTask(), CFG, LOCAL, tmp_path)
+    assert result["steps"] == 4 * 8  # 64 samples / batch 8 = 8 steps per epoch
+    losses = [h["loss"] for h in result["history"]]
+    assert losses[-1] < 0.2 * losses[0]
+    assert all(h["images_per_s"] > 0 and "mse" in h for h in result["history"])
+    assert Path(result["files"]["model"]).is_file()
+    assert load_checkpoint(last_checkpoint_path(tmp_path))["step"] == 32
+
+
+def test_max_steps_caps_the_step_count(tmp_path):
+    result = fit(LinearTask(), CFG.model_copy(update={"max_steps": 7}), LOCAL, tmp_path)
+    assert result["steps"] == 7 and result["history"][-1]["step"] == 7
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+    fit(LinearTask(), CFG, LOCAL, tmp_path / "straight")
+    with pytest.raises(Crash):
+        fit(LinearTask(crash_at=13), CFG, LOCAL, tmp_path / "killed")
+    assert load_checkpoint(last_checkpoint_path(tmp_path / "killed"))["step"] == 10
+    resumed = fit(LinearTask(), CFG, LOCAL, tmp_path / "killed")
+    assert resumed["steps"] == 32
+    a = load_checkpoint(last_checkpoint_path(tmp_path / "straight"))
+    b = load_checkpoint(last_checkpoint_path(tmp_path / "killed"))
+    assert b["step"] == 32
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=1e-6)
+    exp_a = a["optimizer"]["state"][0]["exp_avg_sq"]
+    torch.testing.assert_close(exp_a, b["optimizer"]["state"][0]["exp_avg_sq"], rtol=0, atol=1e-8)
+    assert [h["step"] for h in a["history"]] == [h["step"] for h in b["history"]]
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 8.*last\.pt \(step 5\)"):
+        fit(LinearTask(nan_at=8), CFG, LOCAL, tmp_path)
+    state = load_checkpoint(last_checkpoint_path(tmp_path))
+    assert state["step"] == 5 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_ray_train_worker_runs_and_surfaces_nan_error(tmp_path):
+    import sys
+
+    import ray
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not on the workers' path
+
+    runtime = RuntimeConfig(num_workers=1, cpus_per_worker=1, object_store_mb=128)
+    try:
+        result = fit(LinearTask(), CFG.model_copy(update={"max_steps": 8}), runtime, tmp_path / "ok")
+        assert result["steps"] == 8 and math.isfinite(result["history"][-1]["loss"])
+        with pytest.raises(NonFiniteLossError, match="non-finite loss .* at step 3"):
+            fit(LinearTask(nan_at=3), CFG, runtime, tmp_path / "nan")
+    finally:
+        ray.shutdown()
