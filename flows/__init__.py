@@ -1,0 +1,1 @@
+"""Prefect orchestration of the EdgeSAM stages (no ML logic here): flows, caching, deployments."""

@@ -1,0 +1,64 @@
+"""Prefect caching keyed on artifact fingerprints, with the committed manifest as the truth.
+
+Prefect's own result cache cannot see an artifact directory being deleted, so the cache key
+exists only while the stage's manifest is committed: delete the artifact (or force the
+stage) and the key disappears, the task runs, and the stage recomputes.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from prefect.cache_policies import CachePolicy
+from prefect.client.schemas.objects import TaskRun
+from prefect.context import TaskRunContext
+from prefect.states import State
+
+from edgesam.artifacts import ArtifactStore
+
+# errno values of I/O failures that a retry can cure (network filesystems, busy devices).
+TRANSIENT_ERRNOS = frozenset({
+    errno.EIO, errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.ETIMEDOUT, errno.ECONNRESET,
+    errno.ECONNREFUSED, errno.ECONNABORTED, errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTUNREACH,
+    errno.ESTALE,
+})
+
+
+def cache_key(stage: str, fingerprint: str, artifact_path: str) -> str:
+    """Cache key of a stage artifact: its fingerprint, qualified by where it lives."""
+    where = hashlib.sha256(artifact_path.encode()).hexdigest()[:8]
+    return f"edgesam-{stage}-{fingerprint}-{where}"
+
+
+@dataclass
+class ManifestCache(CachePolicy):
+    """Key = the stage fingerprint, defined only while the artifact's manifest is committed.
+
+    Reads the task inputs `name`, `cfg` (the `PipelineConfig`), `fingerprint` and `force`.
+    """
+
+    def compute_key(
+        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
+        if inputs.get("force"):
+            return None
+        artifact = ArtifactStore(inputs["cfg"].runtime.work_dir).artifact(inputs["name"], inputs["fingerprint"])
+        if not artifact.complete:
+            return None
+        return cache_key(artifact.stage, artifact.fingerprint, str(artifact.path))
+
+
+def is_transient_io_error(exc: BaseException) -> bool:
+    """True for I/O errors worth retrying; never for bugs, bad input or missing files."""
+    if isinstance(exc, (ConnectionError, TimeoutError, BlockingIOError, InterruptedError)):
+        return True
+    return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
+
+
+def retry_on_transient_io(task: Any, task_run: TaskRun, state: State) -> bool:
+    """Prefect `retry_condition_fn`: retry a failed stage only on transient I/O errors."""
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, BaseException) and is_transient_io_error(exc)

@@ -1,0 +1,176 @@
+"""The `edgesam` flow: the stage DAG in order, one Prefect task per stage, no ML logic."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.logging.loggers import PrefectLogAdapter
+from prefect.states import Completed
+
+from edgesam.artifacts import ArtifactStore
+from edgesam.config import STAGES, PipelineConfig, RuntimeConfig
+from flows.caching import ManifestCache, retry_on_transient_io
+from flows.params import Profile, StageName, TeacherKind, pipeline_config
+from pipelines.stage import MissingUpstreamError, downstream_closure, plan, run_stage
+
+STAGE_LOGGERS = ("edgesam", "pipelines")
+
+
+@task(
+    name="stage",
+    task_run_name="{name}",
+    cache_policy=ManifestCache(),
+    persist_result=True,
+    retries=2,
+    retry_delay_seconds=15,
+    retry_condition_fn=retry_on_transient_io,
+)
+def stage_task(name: str, cfg: PipelineConfig, fingerprint: str, force: bool = False) -> Any:
+    """Run stage `name` through `pipelines.stage.run_stage`; a committed artifact ends as "Cached"."""
+    artifact, cached = run_stage(name, cfg, ArtifactStore(cfg.runtime.work_dir), force=force)
+    if artifact.fingerprint != fingerprint:
+        raise RuntimeError(f"stage {name!r}: planned fingerprint {fingerprint} but ran {artifact.fingerprint}")
+    result = {"stage": name, "fingerprint": artifact.fingerprint, "path": str(artifact.path)}
+    if cached:
+        get_run_logger().info("stage %s: cached, committed artifact %s", name, artifact.path)
+        return Completed(name="Cached", message=f"committed artifact {artifact.path}", data=result)
+    return result
+
+
+def forward_stage_logs() -> None:
+    """Send the stages' own `logging` records (INFO and up) to the Prefect run logs."""
+    handlers = logging.getLogger("prefect.extra").handlers
+    for name in STAGE_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        for handler in handlers:
+            if handler not in logger.handlers:
+                logger.addHandler(handler)
+
+
+@contextmanager
+def ray_connection(runtime: RuntimeConfig, logger: logging.Logger | PrefectLogAdapter) -> Iterator[None]:
+    """Connect to the Ray cluster once for the whole flow run when an address is given.
+
+    Without `runtime.ray_address` or RAY_ADDRESS the stages start a local Ray themselves.
+    """
+    address = runtime.ray_address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        yield
+        return
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    logger.info("connecting to the Ray cluster at %s", address)
+    ray.init(address=address)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def check_upstream(selected: list[str], cfg: PipelineConfig) -> None:
+    """Fail before running anything when a selected stage's upstream is neither selected nor cached."""
+    planned = plan(cfg)
+    store = ArtifactStore(cfg.runtime.work_dir)
+    missing = [
+        f"{name} needs {up} ({store.artifact(up, fp).path})"
+        for name in selected
+        for up, fp in planned[name].upstream.items()
+        if up not in selected and not store.artifact(up, fp).complete
+    ]
+    if missing:
+        raise MissingUpstreamError(
+            "upstream artifacts are not committed: " + "; ".join(missing)
+            + ". Add those stages to `stages`, or run the whole flow."
+        )
+
+
+def summary_markdown(cfg: PipelineConfig, rows: list[dict[str, Any]]) -> str:
+    lines = [
+        f"# edgesam run, profile `{cfg.profile}`",
+        "",
+        f"Artifacts under `{cfg.runtime.work_dir}`; backbone `{cfg.encoder_kd.backbone}`, "
+        f"teacher `{cfg.teacher.kind}`.",
+        "",
+        "| stage | status | seconds | fingerprint | artifact |",
+        "|---|---|---:|---|---|",
+    ]
+    lines += [f"| {r['stage']} | {r['status']} | {r['seconds']:.1f} | `{r['fingerprint']}` | `{r['path']}` |" for r in rows]
+    return "\n".join(lines)
+
+
+@flow(name="edgesam", log_prints=True)
+def edgesam(
+    profile: Profile = "default",
+    sa1b_path: Path | None = None,
+    coco_train: Path | None = None,
+    coco_val: Path | None = None,
+    coco_images: Path | None = None,
+    teacher_kind: TeacherKind | None = None,
+    teacher_checkpoint: Path | None = None,
+    backbone: str | None = None,
+    ray_address: str | None = None,
+    num_workers: int | None = None,
+    use_gpu: bool | None = None,
+    work_dir: Path | None = None,
+    stages: list[StageName] | None = None,
+    force: list[StageName] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Run the EdgeSAM DAG: data -> shard -> teacher -> embed -> encoder_kd -> prompt_kd -> rpn
+    -> evaluate -> export. Committed artifacts are reused (task state "Cached").
+
+    Args:
+        profile: `smoke` (minutes), `default` (the embedded benchmark, about an hour on 2 CPU
+            cores) or `paper` (SA-1B, SAM ViT-H, GPUs).
+        sa1b_path: directory of SA-1B `sa_*.tar` files; without it the embedded benchmark is generated.
+        coco_train, coco_val, coco_images: COCO instances JSONs and image directory for the RPN.
+        teacher_kind, teacher_checkpoint: `synthetic` (trained here) or a SAM ViT and its checkpoint.
+        backbone: the student's timm model name, e.g. `repvit_m1`, `resnet18`, `mobilenetv3_large_100`.
+        ray_address: an existing Ray cluster (else RAY_ADDRESS, else a local Ray).
+        num_workers, use_gpu: Ray Train workers per training stage and whether they take a GPU.
+        work_dir: artifact root (default: the profile's `runs/<profile>`).
+        stages: run only these; the others must already be committed (taken from the cache).
+        force: recompute these stages and everything downstream of them.
+        overrides: any other setting, nested by section, e.g. `{"prompt_kd": {"decode_iters": 3}}`;
+            the named parameters above take precedence.
+    """
+    logger = get_run_logger()
+    forward_stage_logs()
+    cfg = pipeline_config(
+        profile, overrides, sa1b_path=sa1b_path, coco_train=coco_train, coco_val=coco_val,
+        coco_images=coco_images, teacher_kind=teacher_kind, teacher_checkpoint=teacher_checkpoint,
+        backbone=backbone, ray_address=ray_address, num_workers=num_workers, use_gpu=use_gpu,
+        work_dir=work_dir,
+    )
+    selected = [s for s in STAGES if stages is None or s in stages]
+    forced = downstream_closure(force or ()) & set(selected)
+    check_upstream(selected, cfg)
+    planned = plan(cfg)
+    logger.info("profile %s, artifacts under %s, stages %s%s", cfg.profile, cfg.runtime.work_dir,
+                ", ".join(selected), f", forced {', '.join(s for s in selected if s in forced)}" if forced else "")
+    rows: list[dict[str, Any]] = []
+    with ray_connection(cfg.runtime, logger):
+        for index, name in enumerate(selected, 1):
+            logger.info("[%d/%d] %s", index, len(selected), name)
+            start = time.perf_counter()
+            state = stage_task(name, cfg, planned[name].fingerprint, force=name in forced, return_state=True)
+            result = state.result()  # raises the stage's own error when it failed
+            status = "cached" if state.name == "Cached" else "done"
+            rows.append({**result, "status": status, "seconds": time.perf_counter() - start})
+            logger.info("[%d/%d] %s: %s in %.1fs -> %s", index, len(selected), name, status,
+                        rows[-1]["seconds"], result["path"])
+    create_markdown_artifact(
+        summary_markdown(cfg, rows), key=f"edgesam-run-{cfg.profile}", description="stages, cache status, artifacts"
+    )
+    return {row["stage"]: row for row in rows}

@@ -1,0 +1,167 @@
+"""Caching, `stages`, `force` and retry semantics of the `edgesam` flow, on a fake stage registry.
+
+The fake stages have the real names and DAG but only write a small file, so these tests
+exercise the flow and Prefect's caching against a temporary Prefect server in seconds.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import types
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+from prefect.testing.utilities import prefect_test_harness
+
+import flows.pipeline
+import pipelines.stage
+from edgesam.config import STAGES
+from flows.pipeline import edgesam
+from pipelines.stage import MissingUpstreamError
+
+DAG = {
+    "data": (), "shard": ("data",), "teacher": ("shard",), "embed": ("shard", "teacher"),
+    "encoder_kd": ("embed", "teacher"), "prompt_kd": ("embed", "teacher", "encoder_kd"),
+    "rpn": ("data", "prompt_kd"), "evaluate": ("data", "shard", "teacher", "encoder_kd", "prompt_kd", "rpn"),
+    "export": ("prompt_kd", "rpn", "evaluate"),
+}
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path_factory.mktemp("prefect-results")}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+class FakeStages:
+    """Stage modules that record their calls and write `out/result.json`."""
+
+    def __init__(self, source_dir: Path):
+        self.calls: list[str] = []
+        self.failures: dict[str, list[BaseException]] = {}  # stage -> errors to raise, in order
+        self.modules = {}
+        for name, upstream in DAG.items():
+            source = source_dir / f"{name}.py"
+            source.write_text(f"# fake stage {name}\n")
+            module = types.ModuleType(f"fake_{name}")
+            module.STAGE, module.UPSTREAM, module.__file__ = name, upstream, str(source)
+            module.run = self._runner(name)
+            self.modules[name] = module
+
+    def _runner(self, name):
+        def run(cfg, runtime, inputs, out):
+            self.calls.append(name)
+            if self.failures.get(name):
+                raise self.failures[name].pop(0)
+            assert set(inputs) == set(DAG[name]) and all(a.complete for a in inputs.values())
+            (out / "result.json").write_text(json.dumps({"config": cfg.model_dump(mode="json")}))
+            return {"inputs": sorted(inputs)}
+        return run
+
+    def module(self, name):
+        return self.modules[name]
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch, prefect_server):
+    stages = FakeStages(tmp_path)
+    monkeypatch.setattr(pipelines.stage, "stage_module", stages.module)
+    monkeypatch.setattr(flows.pipeline, "stage_task", flows.pipeline.stage_task.with_options(retry_delay_seconds=0))
+    return stages
+
+
+def run_flow(tmp_path, **params):
+    state = edgesam(profile="smoke", work_dir=tmp_path / "runs", return_state=True, **params)
+    return state
+
+
+def task_states(flow_state) -> dict[str, str]:
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
+            )
+        return {run.name: run.state.name for run in runs}
+
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    return run_coro_as_sync(read())
+
+
+def test_cached_rerun_force_and_deleted_artifact(tmp_path, fake):
+    first = run_flow(tmp_path)
+    assert first.is_completed() and fake.calls == list(STAGES)
+    assert all(state == "Completed" for state in task_states(first).values())
+    result = first.result()
+    for name in STAGES:
+        assert (Path(result[name]["path"]) / "manifest.json").is_file()
+        assert result[name]["status"] == "done"
+
+    fake.calls.clear()
+    second = run_flow(tmp_path)
+    assert fake.calls == []
+    assert task_states(second) == {name: "Cached" for name in STAGES}
+    assert {r["status"] for r in second.result().values()} == {"cached"}
+
+    third = run_flow(tmp_path)  # now served by Prefect's own cache, keyed on the fingerprint
+    assert fake.calls == [] and task_states(third) == {name: "Cached" for name in STAGES}
+
+    forced = run_flow(tmp_path, force=["evaluate"])
+    assert fake.calls == ["evaluate", "export"]
+    states = task_states(forced)
+    assert states["evaluate"] == states["export"] == "Completed"
+    assert all(states[name] == "Cached" for name in STAGES[:7])
+
+    # The manifest is the truth: a deleted artifact recomputes although Prefect holds a result.
+    fake.calls.clear()
+    rpn_dir = Path(result["rpn"]["path"])
+    (rpn_dir / "manifest.json").unlink()
+    run_flow(tmp_path)
+    assert fake.calls == ["rpn"] and (rpn_dir / "manifest.json").is_file()
+
+
+def test_stages_reuse_upstream_and_fail_clearly_when_missing(tmp_path, fake):
+    base = run_flow(tmp_path).result()
+    fake.calls.clear()
+
+    variant = run_flow(tmp_path, backbone="resnet18", stages=["encoder_kd"]).result()
+    assert fake.calls == ["encoder_kd"] and list(variant) == ["encoder_kd"]
+    assert variant["encoder_kd"]["fingerprint"] != base["encoder_kd"]["fingerprint"]
+    config = json.loads((Path(variant["encoder_kd"]["path"]) / "result.json").read_text())["config"]
+    assert config["backbone"] == "resnet18"
+
+    state = run_flow(tmp_path, backbone="resnet18", stages=["rpn", "evaluate"])
+    assert state.is_failed() and fake.calls == ["encoder_kd"]
+    with pytest.raises(MissingUpstreamError, match=r"rpn needs prompt_kd .*prompt_kd/[0-9a-f]{16}"):
+        state.result()
+
+
+def test_overrides_and_named_parameters_reach_the_stage_config(tmp_path, fake):
+    result = run_flow(
+        tmp_path, stages=["data"], sa1b_path=tmp_path / "sa1b",
+        overrides={"data": {"num_train": 3, "sa1b_path": "/ignored"}},
+    ).result()
+    config = json.loads((Path(result["data"]["path"]) / "result.json").read_text())["config"]
+    assert config["num_train"] == 3 and config["sa1b_path"] == str(tmp_path / "sa1b")
+    bad = run_flow(tmp_path, stages=["data"], overrides={"data": {"no_such_setting": 1}})
+    with pytest.raises(Exception, match="no_such_setting"):
+        bad.result()
+
+
+def test_retries_transient_io_only(tmp_path, fake):
+    fake.failures["data"] = [OSError(errno.EIO, "flaky disk")]
+    assert run_flow(tmp_path, stages=["data"]).is_completed()
+    assert fake.calls == ["data", "data"]
+
+    fake.calls.clear()
+    fake.failures["shard"] = [ValueError("corrupt shard"), ValueError("corrupt shard")]
+    state = run_flow(tmp_path, stages=["shard"])
+    assert state.is_failed() and fake.calls == ["shard"]
+    with pytest.raises(ValueError, match="corrupt shard"):
+        state.result()
+    assert not list((tmp_path / "runs" / "shard").glob("*/manifest.json"))
