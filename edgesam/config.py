@@ -66,6 +66,7 @@ class DataConfig(_Config):
     min_side: int = 384
     max_side: int = 640
     objects_per_image: tuple[int, int] = (3, 6)
+    object_scale: tuple[float, float] = (0.12, 0.4)  # object extent / shorter image side
     seed: int = 0
 
 
