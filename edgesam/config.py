@@ -128,7 +128,8 @@ class PromptKDConfig(_Config):
 class RPNConfig(_Config):
     train: TrainConfig = Field(default_factory=TrainConfig)
     k: int = 3  # proposals merged around a point prompt
-    num_convs: int = 2
+    channels: int = 128  # FPN and head width
+    num_convs: int = 2  # shared head tower depth
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     huber_beta: float = 0.1

@@ -19,6 +19,8 @@ COCO-format JSON (LVIS-format JSON loads the same way through pycocotools).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +30,11 @@ import numpy as np
 import torch
 from PIL import Image
 from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 from scipy.ndimage import distance_transform_edt
 from segment_anything.modeling import Sam
 from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
 
 from edgesam.data.shards import iter_samples
 from edgesam.data.transforms import preprocess, scale_boxes, scale_coords, xywh_to_xyxy
@@ -249,23 +253,76 @@ def coco_items(
     max_annotations: int | None = None,
 ) -> Iterator[EvalItem]:
     """Items of a COCO- or LVIS-format instances JSON (crowd regions skipped)."""
-    coco = COCO(str(annotation_file))
-    image_ids = sorted(coco.getImgIds())[:max_images]
-    for image_id in image_ids:
-        info = coco.imgs[image_id]
-        path = Path(images_dir) / info["file_name"]
-        if not path.is_file():
-            raise FileNotFoundError(f"{annotation_file}: image {image_id} refers to {path}, which does not exist")
-        with Image.open(path) as img:
-            image = np.asarray(img.convert("RGB"))
-        if image.shape[:2] != (info["height"], info["width"]):
-            raise ValueError(f"{path} is {image.shape[1]}x{image.shape[0]}, but {annotation_file} says "
-                             f"{info['width']}x{info['height']}")
+    coco = _quiet(COCO, str(annotation_file))
+    for image_id in sorted(coco.getImgIds())[:max_images]:
+        image = _read_image(coco, image_id, annotation_file, images_dir)
         anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id)) if not a.get("iscrowd", 0)]
         masks = np.array([coco.annToMask(a).astype(bool) for a in anns]).reshape(-1, *image.shape[:2])
         keep = _limit([i for i, m in enumerate(masks) if m.any()], max_annotations)
         boxes = xywh_to_xyxy(np.array([anns[i]["bbox"] for i in keep]))
         yield EvalItem(str(image_id), image, masks[keep], boxes)
+
+
+def _to_original(boxes: torch.Tensor, original_hw: tuple[int, int], resized_hw: tuple[int, int]) -> np.ndarray:
+    """xyxy boxes of the resized frame back to the original image frame."""
+    sy, sx = original_hw[0] / resized_hw[0], original_hw[1] / resized_hw[1]
+    return boxes.cpu().numpy() * np.array([sx, sy, sx, sy])
+
+
+def rpn_detections(
+    sam: Sam,
+    rpn: RPN,
+    annotation_file: str | Path,
+    images_dir: str | Path,
+    score_threshold: float = 0.05,
+    max_proposals: int = 100,
+) -> list[dict]:
+    """Proposals on every image of a COCO-format JSON, as COCO results (xywh, original frame)."""
+    coco = _quiet(COCO, str(annotation_file))
+    category = min(coco.getCatIds(), default=1)
+    segmenter = Segmenter("rpn", sam, rpn, score_threshold=score_threshold, max_proposals=max_proposals)
+    results = []
+    for image_id in tqdm(sorted(coco.getImgIds()), desc="proposals", mininterval=2.0):
+        image = _read_image(coco, image_id, annotation_file, images_dir)
+        _, hw, (boxes, scores) = segmenter.encode(image)
+        xyxy = _to_original(boxes, image.shape[:2], hw)
+        for (x0, y0, x1, y1), score in zip(xyxy.tolist(), scores.tolist()):
+            results.append({"image_id": image_id, "category_id": category, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                            "score": score})
+    return results
+
+
+def class_agnostic_box_eval(annotation_file: str | Path, detections: list[dict]) -> dict[str, float]:
+    """pycocotools COCOeval of boxes ignoring categories: AP, AP50, AP75, AR@1/10/100."""
+    gt = _quiet(COCO, str(annotation_file))
+    names = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "ar1", "ar10", "ar100")
+    if not detections:
+        return {name: 0.0 for name in names}
+    evaluator = COCOeval(gt, _quiet(gt.loadRes, detections), iouType="bbox")
+    evaluator.params.useCats = 0
+    _quiet(evaluator.evaluate)
+    _quiet(evaluator.accumulate)
+    _quiet(evaluator.summarize)
+    return {name: round(max(float(v), 0.0), 4) for name, v in zip(names, evaluator.stats)}
+
+
+def _quiet(fn, *args):
+    """Call a pycocotools function without its prints."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args)
+
+
+def _read_image(coco: COCO, image_id: int, annotation_file: str | Path, images_dir: str | Path) -> np.ndarray:
+    info = coco.imgs[image_id]
+    path = Path(images_dir) / info["file_name"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{annotation_file}: image {image_id} refers to {path}, which does not exist")
+    with Image.open(path) as img:
+        image = np.asarray(img.convert("RGB"))
+    if image.shape[:2] != (info["height"], info["width"]):
+        raise ValueError(f"{path} is {image.shape[1]}x{image.shape[0]}, but {annotation_file} says "
+                         f"{info['width']}x{info['height']}")
+    return image
 
 
 def _latency_ms(fn, repeats: int) -> float:

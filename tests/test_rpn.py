@@ -67,3 +67,43 @@ def test_rpn_overfits_a_box_and_proposes_it(tmp_path):
     assert (boxes[0] - gt[0][0]).abs().max() < 8
     merged = knn_merge(torch.tensor([[60.0, 45.0]]), boxes, scores, k=3)
     assert (merged[0] - gt[0][0]).abs().max() < 8
+
+
+@pytest.fixture(scope="module")
+def rpn_inputs(tmp_path_factory):
+    """A tiny embedded benchmark and a random-weight student as committed artifacts."""
+    from edgesam.artifacts import Artifact
+    from edgesam.config import DataConfig
+    from edgesam.data.synth import write_benchmark
+    from edgesam.models.edgesam import build_edgesam, save_edgesam
+
+    root = tmp_path_factory.mktemp("rpn_stage")
+    data = Artifact("data", "fixture", root / "data")
+    data.commit(write_benchmark(data.path, DataConfig(num_train=8, num_val=4, images_per_tar=8, min_side=192,
+                                                      max_side=256, objects_per_image=(2, 3))))
+    student = Artifact("prompt_kd", "fixture", root / "prompt_kd")
+    student.path.mkdir()
+    torch.manual_seed(0)
+    save_edgesam(build_edgesam("repvit_m1", img_size=128), student.path / "student.pt")
+    student.commit({"student": "student.pt", "img_size": 128})
+    return {"data": data, "prompt_kd": student}, root
+
+
+def test_rpn_stage_trains_loss_falls_and_measures_ap(rpn_inputs):
+    from edgesam.config import RPNConfig, RuntimeConfig, TrainConfig
+    from pipelines import rpn as stage
+
+    inputs, root = rpn_inputs
+    cfg = RPNConfig(channels=32, num_convs=1, train=TrainConfig(
+        epochs=12, batch_size=4, lr=5e-3, lr_ref_batch=4, warmup_steps=2, log_every=2, checkpoint_every=10,
+        loader_workers=0))
+    out = root / "rpn"
+    manifest = stage.run(cfg, RuntimeConfig(num_workers=0), inputs, out)
+    assert manifest["steps"] == 24
+    assert manifest["loss"]["last"] < 0.7 * manifest["loss"]["first"]
+    quality = manifest["proposals"]
+    assert set(quality) >= {"ap", "ap50", "ar100"} and 0.0 <= quality["ap"] <= quality["ap50"] <= 1.0
+    assert quality["ar100"] > 0.0
+    rpn = load_rpn(out / manifest["rpn"])
+    assert torch.load(out / manifest["rpn"], weights_only=True)["meta"]["k"] == cfg.k
+    assert rpn.config["channels"] == 32

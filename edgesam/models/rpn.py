@@ -195,7 +195,7 @@ def rpn_loss(
     num_pos = max(int(positive.sum()), 1)
     cls = sigmoid_focal_loss(logit, labels, alpha=focal_alpha, gamma=focal_gamma, reduction="sum") / num_pos
     box = F.smooth_l1_loss(delta[positive], targets[positive], beta=huber_beta, reduction="sum") / num_pos
-    return cls + box, {"cls": float(cls), "box": float(box), "positives": float(positive.sum())}
+    return cls + box, {"cls": float(cls.detach()), "box": float(box.detach()), "positives": float(positive.sum())}
 
 
 @torch.no_grad()
