@@ -72,9 +72,9 @@ def rpn_box(predictor, rpn_checkpoint: Path, image: np.ndarray, point: np.ndarra
         predictor.set_image(image)
     with torch.no_grad():
         logits, deltas = rpn(features)
-    (boxes, scores), = proposals(
+    boxes, scores = proposals(
         rpn, logits, deltas, [predictor.input_size], cfg.score_threshold, cfg.max_proposals
-    )
+    )[0]
     scale = np.array(predictor.original_size[::-1] * 2) / np.array(predictor.input_size[::-1] * 2)
     point_in = torch.as_tensor(predictor.transform.apply_coords(point[None], predictor.original_size))
     merged = knn_merge(point_in, boxes, scores, cfg.k)
