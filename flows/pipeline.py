@@ -11,11 +11,11 @@ from typing import Any, Iterator
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.logging.loggers import PrefectLogAdapter
 from prefect.states import Completed
 
 from edgesam.artifacts import ArtifactStore
 from edgesam.config import STAGES, PipelineConfig, RuntimeConfig
+from edgesam.train.cluster import connect_ray
 from flows.caching import ManifestCache, retry_on_transient_io
 from flows.params import Profile, StageName, TeacherKind, pipeline_config
 from pipelines.stage import MissingUpstreamError, downstream_closure, plan, run_stage
@@ -56,26 +56,23 @@ def forward_stage_logs() -> None:
 
 
 @contextmanager
-def ray_connection(runtime: RuntimeConfig, logger: logging.Logger | PrefectLogAdapter) -> Iterator[None]:
-    """Connect to the Ray cluster once for the whole flow run when an address is given.
+def ray_connection(runtime: RuntimeConfig) -> Iterator[None]:
+    """Join the Ray cluster once for the whole flow run when an address is given.
 
     Without `runtime.ray_address` or RAY_ADDRESS the stages start a local Ray themselves.
     """
-    address = runtime.ray_address or os.environ.get("RAY_ADDRESS")
-    if not address:
+    if not (runtime.ray_address or os.environ.get("RAY_ADDRESS")):
         yield
         return
     import ray
 
-    if ray.is_initialized():
-        yield
-        return
-    logger.info("connecting to the Ray cluster at %s", address)
-    ray.init(address=address)
+    joined = not ray.is_initialized()
+    connect_ray(runtime)
     try:
         yield
     finally:
-        ray.shutdown()
+        if joined:
+            ray.shutdown()
 
 
 def check_upstream(selected: list[str], cfg: PipelineConfig) -> None:
@@ -160,7 +157,7 @@ def edgesam(
     logger.info("profile %s, artifacts under %s, stages %s%s", cfg.profile, cfg.runtime.work_dir,
                 ", ".join(selected), f", forced {', '.join(s for s in selected if s in forced)}" if forced else "")
     rows: list[dict[str, Any]] = []
-    with ray_connection(cfg.runtime, logger):
+    with ray_connection(cfg.runtime):
         for index, name in enumerate(selected, 1):
             logger.info("[%d/%d] %s", index, len(selected), name)
             start = time.perf_counter()

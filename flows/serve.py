@@ -1,0 +1,44 @@
+"""Serve the deployments `edgesam/full` and `edgesam-eval/nightly` (02:00 daily, UTC).
+
+    prefect server start --host 127.0.0.1          # in one terminal
+    PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.serve
+"""
+
+from __future__ import annotations
+
+from prefect import serve
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.schedules import Cron
+
+from flows.evaluation import edgesam_eval
+from flows.pipeline import edgesam
+
+NIGHTLY_CRON = "0 2 * * *"
+NIGHTLY_TIMEZONE = "UTC"
+
+
+def deployments() -> list[RunnerDeployment]:
+    return [
+        edgesam.to_deployment(
+            name="full",
+            description="The whole DAG; every parameter of the flow may be set per run.",
+            tags=["edgesam"],
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        ),
+        edgesam_eval.to_deployment(
+            name="nightly",
+            description="Nightly re-evaluation of the embedded default's exported model.",
+            schedules=[Cron(NIGHTLY_CRON, timezone=NIGHTLY_TIMEZONE)],
+            parameters={"profile": "default", "reevaluate": True},
+            tags=["edgesam", "nightly"],
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        ),
+    ]
+
+
+def main() -> None:
+    serve(*deployments(), limit=1)  # one run at a time: runs share the artifact store
+
+
+if __name__ == "__main__":
+    main()
