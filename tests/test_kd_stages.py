@@ -1,0 +1,177 @@
+"""Phase-1 and phase-2 training tasks on hand-made distillation shards, through the shared loop."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from edgesam.config import RuntimeConfig, load_profile
+from edgesam.models.edgesam import build_edgesam, save_edgesam
+from edgesam.models.teacher import build_tiny_sam, save_tiny_sam
+from edgesam.train import NonFiniteLossError, fit, last_checkpoint_path, load_checkpoint
+from pipelines.encoder_kd import EncoderKDTask
+from pipelines.prompt_kd import PromptKDTask
+
+IMG = 64
+BACKBONE = "mobilenetv3_small_050"  # a tiny timm CNN with stride-16 and stride-32 features
+LOCAL = RuntimeConfig(num_workers=0, seed=0)
+SMOKE = load_profile("smoke")
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _sample(rng: np.random.Generator, index: int, teacher) -> dict[str, bytes]:
+    """A 64 x 48 image (padded at the bottom) with two rectangles, and its teacher embedding."""
+    h, w = 48, 64
+    image = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
+    annotations = []
+    for k in range(2):
+        x0, y0 = int(rng.integers(0, 40)), int(rng.integers(0, 28))
+        bw, bh = int(rng.integers(8, 24)), int(rng.integers(8, 20))
+        mask = np.zeros((h, w), dtype=np.uint8)
+        mask[y0 : y0 + bh, x0 : x0 + bw] = 1
+        image[mask.astype(bool)] = 200 - 80 * k
+        rle = mask_utils.encode(np.asfortranarray(mask))
+        rle["counts"] = rle["counts"].decode()
+        annotations.append({
+            "id": k, "segmentation": rle, "bbox": [x0, y0, bw, bh], "area": bw * bh,
+            "point_coords": [[x0 + bw / 2, y0 + bh / 2]],
+        })
+    from edgesam.data.transforms import preprocess
+
+    with torch.no_grad():
+        embedding = teacher.image_encoder(preprocess(image, IMG)[0][None])[0].numpy().astype(np.float16)
+    jpg, emb = io.BytesIO(), io.BytesIO()
+    Image.fromarray(image).save(jpg, format="JPEG", quality=95)
+    np.save(emb, embedding)
+    record = {"image": {"image_id": index, "width": w, "height": h, "file_name": f"sa_{index}.jpg"},
+              "annotations": annotations}
+    return {"jpg": jpg.getvalue(), "json": json.dumps(record).encode(), "emb.npy": emb.getvalue()}
+
+
+@pytest.fixture(scope="module")
+def kd_inputs(tmp_path_factory):
+    """Teacher checkpoint, one training shard of 6 embedded samples, a phase-1 student."""
+    root = tmp_path_factory.mktemp("kd")
+    torch.manual_seed(0)
+    teacher = build_tiny_sam(img_size=IMG, embed_dim=32, depth=1, num_heads=1)
+    save_tiny_sam(teacher, root / "teacher.pt")
+    (root / "train").mkdir()
+    rng = np.random.default_rng(0)
+    with tarfile.open(root / "train" / "shard-000000.tar", "w") as tar:
+        for i in range(6):
+            for ext, data in _sample(rng, i, teacher).items():
+                _add(tar, f"sa_{i}.{ext}", data)
+    save_edgesam(build_edgesam(BACKBONE, IMG, decoder_init=teacher), root / "phase1.pt")
+    return root
+
+
+def _encoder_task(root, **kw) -> EncoderKDTask:
+    return EncoderKDTask(BACKBONE, "bilinear", IMG, [str(root / "train" / "shard-000000.tar")], 6, 0,
+                         str(root / "teacher.pt"), **kw)
+
+
+def _prompt_task(root, cls=PromptKDTask, **kw) -> PromptKDTask:
+    cfg = SMOKE.prompt_kd.model_copy(update={"train": SMOKE.prompt_kd.train.model_copy(update={"loader_workers": 0})})
+    return cls(cfg, IMG, [str(root / "train" / "shard-000000.tar")], 6, str(root / "phase1.pt"),
+               "synthetic", str(root / "teacher.pt"), **kw)
+
+
+def _losses_on_fixed_batch(task, lr: float, steps: int = 5) -> list[float]:
+    torch.manual_seed(0)
+    model = task.build_model()
+    params = list(task.parameters(model))
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    batch = next(iter(task.batches(0, 1, 0, 2)))
+    model.train()
+    losses = []
+    for _ in range(steps):
+        torch.manual_seed(1)  # the same disagreement points every step
+        loss, _ = task.loss(model, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_encoder_kd_step_lowers_the_loss_on_a_fixed_batch(kd_inputs):
+    task = _encoder_task(kd_inputs)
+    batch = next(iter(task.batches(0, 1, 0, 2)))
+    assert batch["image"].shape == (2, 3, IMG, IMG) and batch["teacher_emb"].shape == (2, 256, 4, 4)
+    assert batch["valid"][0].tolist()[3] == [False] * 4  # the bottom 16 rows are padding
+    losses = _losses_on_fixed_batch(task, SMOKE.encoder_kd.train.lr)
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_prompt_kd_step_lowers_the_loss_on_a_fixed_batch(kd_inputs):
+    task = _prompt_task(kd_inputs)
+    model = task.build_model()
+    trainable = {id(p) for p in task.parameters(model)}
+    assert not any(id(p) in trainable for p in model.student.prompt_encoder.parameters())
+    assert not any(id(p) in trainable for p in model.teacher.parameters())
+    assert all(id(p) in trainable for p in model.student.mask_decoder.parameters())
+    batch = next(iter(task.batches(0, 1, 0, 2)))
+    assert batch["valid"].shape == (2, 16, 16) and len(batch["prompts"]) == 2
+    losses = _losses_on_fixed_batch(task, 1e-3)
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+class _Killed(RuntimeError):
+    pass
+
+
+class _KilledPromptKD(PromptKDTask):
+    """Dies (like a kill) on its `die_at`-th loss call."""
+
+    die_at: int = 0
+
+    def loss(self, model, batch):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == self.die_at:
+            raise _Killed(f"killed at call {self.calls}")
+        loss, metrics = super().loss(model, batch)
+        return (loss * float("nan") if self.die_at < 0 and self.calls >= -self.die_at else loss), metrics
+
+
+def _fit_cfg():
+    return SMOKE.prompt_kd.train.model_copy(update={"epochs": 2, "max_steps": 6, "checkpoint_every": 2, "loader_workers": 0,
+                                                     "batch_size": 2, "lr": 1e-3})
+
+
+def test_prompt_kd_resumes_after_a_kill_with_the_same_steps_and_optimizer(kd_inputs, tmp_path):
+    cfg = _fit_cfg()
+    straight = fit(_prompt_task(kd_inputs), cfg, LOCAL, tmp_path / "straight")
+    killed = _prompt_task(kd_inputs, _KilledPromptKD)
+    killed.die_at = 4
+    with pytest.raises(_Killed):
+        fit(killed, cfg, LOCAL, tmp_path / "killed")
+    assert load_checkpoint(last_checkpoint_path(tmp_path / "killed"))["step"] == 2
+    resumed = fit(_prompt_task(kd_inputs), cfg, LOCAL, tmp_path / "killed")
+    assert resumed["steps"] == straight["steps"] == 6
+    a = load_checkpoint(last_checkpoint_path(tmp_path / "straight"))
+    b = load_checkpoint(last_checkpoint_path(tmp_path / "killed"))
+    assert a["step"] == b["step"] == 6
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, msg=key)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        torch.testing.assert_close(sb["exp_avg_sq"], sa["exp_avg_sq"])
+    assert (tmp_path / "killed" / "student.pt").is_file()
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(kd_inputs, tmp_path):
+    task = _prompt_task(kd_inputs, _KilledPromptKD)
+    task.die_at = -5  # NaN from the 5th step on
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 5.*step 4"):
+        fit(task, _fit_cfg(), LOCAL, tmp_path)
+    assert load_checkpoint(last_checkpoint_path(tmp_path))["step"] == 4
+    assert not (tmp_path / "student.pt").exists()
