@@ -74,6 +74,7 @@ class ShardConfig(_Config):
     target_size: int = 256  # longest side after resizing (1024 for real SAM)
     subset_fraction: float | None = None  # deterministic by image id
     subset_ids_file: Path | None = None
+    val_fraction: float = 0.01  # held out by image id when the input has no train/ and val/ dirs
     max_count: int = 256  # samples per shard
     max_size: int = 256 * 1024**2  # bytes per shard
     jpeg_quality: int = 95

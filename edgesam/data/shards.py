@@ -1,24 +1,29 @@
-"""Read the WebDataset shards of the shard and embed stages back as decoded samples.
+"""WebDataset shards of the shard and embed stages: deterministic writing, streaming reading.
 
 A shard is a plain tar of `<key>.jpg`, `<key>.json` and (embed artifacts) `<key>.emb.npy`
-members. Shards are streamed (never loaded whole) and split across Ray Train ranks and
-DataLoader workers, by shard when there are enough shards, else by sample.
+members. Shards are written atomically with fixed tar metadata (same samples, same bytes),
+streamed back (never loaded whole) and split across Ray Train ranks and DataLoader
+workers, by shard when there are enough shards, else by sample.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+import webdataset as wds
 from PIL import Image
 from pycocotools import mask as mask_utils
+
+from edgesam.artifacts import sha256_file
 
 SPLITS = ("train", "val")
 
@@ -66,6 +71,65 @@ def list_shards(artifact_dir: str | Path, split: str) -> list[Path]:
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no {split!r} split in artifact {artifact_dir}")
     return sorted(directory.glob("shard-*.tar"))
+
+
+def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    """Add a file to a tar with fixed metadata (mtime 0, root owner), for reproducible bytes."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(payload), 0, 0o644
+    tar.addfile(info, io.BytesIO(payload))
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: Path
+    samples: int
+    bytes: int
+    sha256: str
+
+
+def write_shards(samples: Iterable[dict[str, Any]], directory: str | Path, max_count: int,
+                 max_size: int) -> list[ShardInfo]:
+    """Write WebDataset samples (`{"__key__": key, ext: bytes}`) to `directory/shard-NNNNNN.tar`.
+
+    Tar metadata is fixed (mtime 0, fixed owner and mode), so the same samples give
+    byte-identical shards. Each shard is written under a temporary name and renamed when
+    complete; shards of an earlier attempt that this one did not write are removed.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written: list[ShardInfo] = []
+    open_files: list[Any] = []
+    writer: wds.ShardWriter | None = None
+
+    def temporary(name: str) -> Path:
+        return Path(name).with_name(f".{Path(name).name}.tmp-{os.getpid()}")
+
+    def opener(name: str) -> Any:
+        open_files.append(open(temporary(name), "wb"))
+        return open_files[-1]
+
+    def post(name: str) -> None:
+        file = open_files.pop()
+        file.flush()
+        os.fsync(file.fileno())
+        file.close()
+        os.replace(temporary(name), name)
+        path = Path(name)
+        written.append(ShardInfo(path, writer.count, path.stat().st_size, sha256_file(path)))
+
+    for sample in samples:
+        if writer is None:
+            writer = wds.ShardWriter(str(directory / "shard-%06d.tar"), maxcount=max_count, maxsize=max_size,
+                                     post=post, opener=opener, verbose=0, mtime=0)
+        writer.write(sample)
+    if writer is not None:
+        writer.close()
+    keep = {info.path.name for info in written}
+    for stale in directory.glob("*shard-*.tar*"):
+        if stale.name not in keep:
+            stale.unlink()
+    return written
 
 
 def decode_sample(key: str, members: dict[str, bytes]) -> Sample:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from edgesam.config import DataConfig
 from edgesam.data.shapes import CATEGORIES, TEMPLATES, Template, texture_fill
+from edgesam.data.shards import add_member
 
 log = logging.getLogger(__name__)
 
@@ -222,12 +223,6 @@ def generate_image(image_id: int, cfg: DataConfig) -> tuple[bytes, dict[str, Any
     return buffer.getvalue(), {"image": info, "annotations": sa1b}, coco
 
 
-def _tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(payload), 0, 0o644
-    tar.addfile(info, io.BytesIO(payload))
-
-
 def _write_atomic(path: Path, payload: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(payload)
@@ -257,8 +252,8 @@ def write_split(out: Path, split: str, cfg: DataConfig, progress: tqdm) -> tuple
             for image_id in ids:
                 jpeg, record, coco = generate_image(image_id, cfg)
                 name = record["image"]["file_name"]
-                _tar_member(tar, name, jpeg)
-                _tar_member(tar, name.replace(".jpg", ".json"), json.dumps(record).encode())
+                add_member(tar, name, jpeg)
+                add_member(tar, name.replace(".jpg", ".json"), json.dumps(record).encode())
                 _write_atomic(image_dir / name, jpeg)
                 images.append({k: record["image"][k] for k in ("width", "height", "file_name")} | {"id": image_id})
                 annotations.extend(coco)
