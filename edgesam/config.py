@@ -150,8 +150,10 @@ class EvaluateConfig(_Config):
 
 class ExportConfig(_Config):
     opset: int = 17
-    coreml: bool = False
-    parity_atol: float = 1e-3
+    coreml: bool = False  # also convert the encoder with coremltools (skipped if not installed)
+    parity_atol: float = 1e-3  # onnxruntime vs PyTorch: |diff| <= atol + rtol * |PyTorch value|
+    parity_rtol: float = 1e-3
+    latency_repeats: int = 10
 
 
 class PipelineConfig(_Config):

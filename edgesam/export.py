@@ -1,0 +1,260 @@
+"""ONNX export of EdgeSAM (fused encoder, two decoder interfaces), onnxruntime parity, CoreML.
+
+* ``encoder.onnx``: ``image`` (1, 3, S, S) normalized and padded as `Sam.preprocess` ->
+  ``image_embeddings`` (1, 256, S/16, S/16), from the reparameterized (fused) backbone.
+* ``decoder_sam.onnx``: segment-anything's `SamOnnxModel` interface (image_embeddings,
+  point_coords, point_labels, mask_input, has_mask_input, orig_im_size -> masks,
+  iou_predictions, low_res_masks), usable with SAM's ONNX demo code.
+* ``decoder_edgesam.onnx``: EdgeSAM's compact interface (image_embeddings, point_coords,
+  point_labels -> scores, masks): all four mask tokens as low-res logits, no mask input.
+
+Point coordinates are in the model's input frame; labels are float: 1 foreground,
+0 background, 2 / 3 box corners, -1 padding (add one (0, 0) padding point when there is no
+box, as `Sam`'s prompt encoder does). The number of points is a dynamic axis.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from segment_anything.modeling import Sam
+from segment_anything.utils.onnx import SamOnnxModel
+import torch.nn.functional as F
+from torch import nn
+
+from edgesam.models.decoding import decode
+
+SAM_DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size")
+SAM_DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
+COMPACT_INPUTS = ("image_embeddings", "point_coords", "point_labels")
+COMPACT_OUTPUTS = ("scores", "masks")
+POINT_AXES = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}
+
+
+class ParityError(RuntimeError):
+    """An exported model's onnxruntime outputs differ from PyTorch beyond the tolerance."""
+
+
+class SamDecoder(SamOnnxModel):
+    """`SamOnnxModel` whose crop of the padding follows `orig_im_size` in the exported graph.
+
+    segment-anything crops with Python ints, which tracing freezes to the example's aspect
+    ratio; here the crop indices are tensors, so every image size exports correctly.
+    """
+
+    def mask_postprocessing(self, masks: torch.Tensor, orig_im_size: torch.Tensor) -> torch.Tensor:
+        masks = F.interpolate(masks, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        prepadded = self.resize_longest_image_size(orig_im_size, self.img_size)
+        rows = torch.arange(prepadded[0], device=masks.device)
+        cols = torch.arange(prepadded[1], device=masks.device)
+        masks = masks.index_select(2, rows).index_select(3, cols)
+        h, w = orig_im_size.to(torch.int64)[0], orig_im_size.to(torch.int64)[1]
+        return F.interpolate(masks, size=(h, w), mode="bilinear", align_corners=False)
+
+
+class CompactDecoder(nn.Module):
+    """EdgeSAM's compact decoder: (image_embeddings, point_coords, point_labels) -> (scores, masks)."""
+
+    def __init__(self, sam: Sam):
+        super().__init__()
+        self.prompts = SamOnnxModel(sam, return_single_mask=False)  # its traceable point embedding
+        self.sam = sam
+
+    def forward(
+        self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        sparse = self.prompts._embed_points(point_coords, point_labels)
+        h, w = image_embeddings.shape[-2:]
+        dense = self.sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(point_coords.shape[0], -1, h, w)
+        masks, scores = self.sam.mask_decoder.predict_masks(
+            image_embeddings=image_embeddings,
+            image_pe=self.sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+        )
+        return scores, masks
+
+
+def fused_copy(sam: Sam) -> Sam:
+    """A deep copy of `sam` in eval mode with its encoder reparameterized (if it can be)."""
+    sam = copy.deepcopy(sam).eval()
+    if hasattr(sam.image_encoder, "fuse"):
+        sam.image_encoder.fuse()
+    return sam
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs: tuple[str, ...], outputs: tuple[str, ...],
+            opset: int, dynamic_axes: dict | None = None) -> None:
+    """TorchScript-based ONNX export to a temp file, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with torch.no_grad():
+            torch.onnx.export(module, args, str(tmp), dynamo=False, export_params=True, opset_version=opset,
+                              do_constant_folding=True, input_names=list(inputs), output_names=list(outputs),
+                              dynamic_axes=dynamic_axes)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _dummy_points(sam: Sam, n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    size = sam.image_encoder.img_size
+    coords = torch.rand(1, n, 2) * size
+    labels = torch.tensor([[1.0] * (n - 1) + [-1.0]])
+    return coords, labels
+
+
+def export_encoder(sam: Sam, path: Path, opset: int = 17) -> None:
+    """The (already fused) image encoder: `image` -> `image_embeddings`."""
+    size = sam.image_encoder.img_size
+    _export(sam.image_encoder, (torch.randn(1, 3, size, size),), path, ("image",), ("image_embeddings",), opset)
+
+
+def sam_decoder_inputs(sam: Sam, coords: torch.Tensor, labels: torch.Tensor, orig_hw: tuple[int, int],
+                       embeddings: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Inputs of the `SamOnnxModel` interface (no mask input)."""
+    size = sam.prompt_encoder.image_embedding_size
+    return {
+        "image_embeddings": embeddings if embeddings is not None else torch.randn(1, 256, *size),
+        "point_coords": coords,
+        "point_labels": labels,
+        "mask_input": torch.zeros(1, 1, 4 * size[0], 4 * size[1]),
+        "has_mask_input": torch.tensor([0.0]),
+        "orig_im_size": torch.tensor(orig_hw, dtype=torch.float32),
+    }
+
+
+def export_sam_decoder(sam: Sam, path: Path, opset: int = 17) -> None:
+    """segment-anything's ONNX decoder interface (all mask outputs, as SAM's export default)."""
+    coords, labels = _dummy_points(sam, 5)
+    feeds = sam_decoder_inputs(sam, coords, labels, (1500, 2250))
+    _export(SamDecoder(sam, return_single_mask=False), tuple(feeds.values()), path, SAM_DECODER_INPUTS,
+            SAM_DECODER_OUTPUTS, opset, POINT_AXES)
+
+
+def export_compact_decoder(sam: Sam, path: Path, opset: int = 17) -> None:
+    """EdgeSAM's compact decoder interface."""
+    size = sam.prompt_encoder.image_embedding_size
+    coords, labels = _dummy_points(sam, 5)
+    _export(CompactDecoder(sam), (torch.randn(1, 256, *size), coords, labels), path, COMPACT_INPUTS,
+            COMPACT_OUTPUTS, opset, POINT_AXES)
+
+
+def session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _numpy(feeds: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in feeds.items()}
+
+
+def _compare(name: str, got: np.ndarray, want: torch.Tensor, atol: float, rtol: float) -> dict[str, Any]:
+    want = want.detach().cpu().numpy()
+    if got.shape != want.shape:
+        raise ParityError(f"{name}: onnxruntime shape {got.shape} != PyTorch shape {want.shape}")
+    diff = np.abs(got - want)
+    ok = bool(np.all(diff <= atol + rtol * np.abs(want)))
+    return {"max_abs_diff": float(diff.max()), "max_abs_value": float(np.abs(want).max()), "within_tolerance": ok}
+
+
+@torch.no_grad()
+def check_parity(sam: Sam, files: dict[str, Path], image: torch.Tensor, orig_hw: tuple[int, int],
+                 atol: float = 1e-3, rtol: float = 1e-3) -> dict[str, Any]:
+    """Run the exported files in onnxruntime and compare with PyTorch on `image` (a
+    preprocessed 1x3xSxS tensor) and a few point / box prompts. Raises `ParityError` when
+    any output is off by more than atol + rtol * |PyTorch value|; returns the differences.
+    """
+    report: dict[str, Any] = {"atol": atol, "rtol": rtol}
+    embeddings = sam.image_encoder(image)
+    got = session(files["encoder"]).run(None, {"image": image.numpy()})[0]
+    report["encoder"] = {"image_embeddings": _compare("encoder", got, embeddings, atol, rtol)}
+    size = sam.image_encoder.img_size
+    # Points with a padding point; a point with a box (labels 2, 3), in `Sam`'s token order.
+    prompts = [
+        (torch.tensor([[[0.3 * size, 0.4 * size], [0.6 * size, 0.5 * size], [0.0, 0.0]]]), torch.tensor([[1.0, 0.0, -1.0]])),
+        (torch.tensor([[[0.4 * size, 0.5 * size], [0.2 * size, 0.2 * size], [0.7 * size, 0.8 * size]]]),
+         torch.tensor([[1.0, 2.0, 3.0]])),
+    ]
+    sam_decoder, compact = session(files["decoder_sam"]), session(files["decoder_edgesam"])
+    report["decoder_sam"], report["decoder_edgesam"] = {}, {}
+    for i, (coords, labels) in enumerate(prompts):
+        feeds = sam_decoder_inputs(sam, coords, labels, orig_hw, embeddings)
+        want = SamDecoder(sam, return_single_mask=False)(**feeds)
+        outs = sam_decoder.run(None, _numpy(feeds))
+        for name, g, w in zip(SAM_DECODER_OUTPUTS, outs, want):
+            report["decoder_sam"][f"prompt{i}/{name}"] = _compare(f"decoder_sam {name}", g, w, atol, rtol)
+        # The compact decoder against `decode` with the same prompts (all four mask tokens).
+        points, point_labels, boxes = _as_decode_prompts(coords, labels)
+        low, iou = decode(sam, embeddings, points, point_labels, boxes=boxes, num_outputs=4)
+        scores, masks = compact.run(None, _numpy({"image_embeddings": embeddings, "point_coords": coords,
+                                                   "point_labels": labels}))
+        report["decoder_edgesam"][f"prompt{i}/scores"] = _compare("decoder_edgesam scores", scores, iou, atol, rtol)
+        report["decoder_edgesam"][f"prompt{i}/masks"] = _compare("decoder_edgesam masks", masks, low, atol, rtol)
+    failed = [f"{part} {key}: max |diff| {value['max_abs_diff']:.2e}"
+              for part in ("encoder", "decoder_sam", "decoder_edgesam")
+              for key, value in report[part].items() if not value["within_tolerance"]]
+    report["passed"] = not failed
+    if failed:
+        raise ParityError(f"ONNX parity broken beyond atol={atol}, rtol={rtol}: " + "; ".join(failed))
+    return report
+
+
+def _as_decode_prompts(coords: torch.Tensor, labels: torch.Tensor):
+    """ONNX-style prompts (box corners as labels 2/3, explicit padding) in `decode`'s terms."""
+    corners = (labels == 2) | (labels == 3)
+    boxes = coords[corners].reshape(1, 4) if corners.any() else None
+    keep = ~corners & (labels != -1)
+    points = coords[keep].reshape(1, -1, 2)
+    return points, labels[keep].reshape(1, -1).long(), boxes
+
+
+def ort_latency_ms(path: Path, feeds: dict[str, np.ndarray], repeats: int = 10) -> float:
+    """Median onnxruntime CPU latency of one run, after a warm-up run."""
+    sess = session(path)
+    sess.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times))
+
+
+def export_coreml(sam: Sam, path: Path) -> dict[str, Any]:
+    """Convert the fused encoder to a CoreML ML program with nearest upsampling in the neck.
+
+    Returns {"status": "exported", ...} or {"status": "skipped", "reason": ...} when
+    coremltools is not installed (`pip install 'edgesam[coreml]'`).
+    """
+    if importlib.util.find_spec("coremltools") is None:
+        return {"status": "skipped", "reason": "coremltools is not installed (pip install 'edgesam[coreml]')"}
+    import coremltools as ct
+
+    encoder = copy.deepcopy(sam.image_encoder).eval()
+    size = encoder.img_size
+    example = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        reference = encoder(example)
+        encoder.upsample_mode = "nearest"
+        nearest = encoder(example)
+        traced = torch.jit.trace(encoder, example)
+    model = ct.convert(traced, inputs=[ct.TensorType(name="image", shape=example.shape)],
+                       outputs=[ct.TensorType(name="image_embeddings")], convert_to="mlprogram")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    model.save(str(tmp))
+    os.replace(tmp, path)
+    return {"status": "exported", "file": path.name,
+            "nearest_vs_bilinear_max_abs_diff": float((nearest - reference).abs().max())}

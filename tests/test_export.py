@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+import torch
+
+from edgesam.data.transforms import preprocess
+from edgesam.export import (
+    ParityError,
+    check_parity,
+    export_compact_decoder,
+    export_coreml,
+    export_encoder,
+    export_sam_decoder,
+    fused_copy,
+    ort_latency_ms,
+    session,
+)
+
+ATOL, RTOL = 1e-3, 1e-3  # the export stage's default tolerance
+
+
+@pytest.fixture(scope="module")
+def exported(student_256, tmp_path_factory):
+    sam = fused_copy(student_256)
+    out = tmp_path_factory.mktemp("onnx")
+    files = {"encoder": out / "encoder.onnx", "decoder_sam": out / "decoder_sam.onnx",
+             "decoder_edgesam": out / "decoder_edgesam.onnx"}
+    export_encoder(sam, files["encoder"])
+    export_sam_decoder(sam, files["decoder_sam"])
+    export_compact_decoder(sam, files["decoder_edgesam"])
+    return sam, files
+
+
+def test_fused_copy_keeps_the_embedding(student_256, coffee):
+    x, _ = preprocess(coffee, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(fused_copy(student_256).image_encoder(x[None]), student_256.image_encoder(x[None]),
+                                   atol=1e-3, rtol=1e-3)
+    assert not student_256.image_encoder.fused  # the original is untouched
+
+
+@pytest.mark.parametrize("photo", ["coffee", "astronaut"])  # 2:3 like the export example, and square
+def test_onnx_files_match_pytorch_for_both_decoder_interfaces(exported, photo, request):
+    sam, files = exported
+    image = request.getfixturevalue(photo)
+    x, _ = preprocess(image, 256)
+    report = check_parity(sam, files, x[None], image.shape[:2], atol=ATOL, rtol=RTOL)
+    assert report["passed"]
+    assert report["encoder"]["image_embeddings"]["max_abs_diff"] < 1e-3
+    assert len(report["decoder_sam"]) == 6 and len(report["decoder_edgesam"]) == 4
+    for part in ("decoder_sam", "decoder_edgesam"):
+        assert all(v["within_tolerance"] for v in report[part].values())
+
+
+def test_exported_interfaces_shapes(exported):
+    _, files = exported
+    # the SAM interface upsamples to the original image size; the compact one returns 4 low-res masks
+    masks = session(files["decoder_sam"]).run(["masks"], {
+        "image_embeddings": np.zeros((1, 256, 16, 16), np.float32),
+        "point_coords": np.array([[[10.0, 20.0], [0.0, 0.0]]], np.float32),
+        "point_labels": np.array([[1.0, -1.0]], np.float32),
+        "mask_input": np.zeros((1, 1, 64, 64), np.float32), "has_mask_input": np.zeros(1, np.float32),
+        "orig_im_size": np.array([400, 600], np.float32)})[0]
+    assert masks.shape == (1, 4, 400, 600)
+    scores, low = session(files["decoder_edgesam"]).run(None, {
+        "image_embeddings": np.zeros((1, 256, 16, 16), np.float32),
+        "point_coords": np.zeros((1, 7, 2), np.float32), "point_labels": np.ones((1, 7), np.float32)})
+    assert scores.shape == (1, 4) and low.shape == (1, 4, 64, 64)
+
+
+def test_parity_failure_is_loud(exported, coffee):
+    sam, files = exported
+    x, _ = preprocess(coffee, 256)
+    with torch.no_grad():
+        sam.mask_decoder.iou_prediction_head.layers[-1].bias += 1.0  # PyTorch now differs from the files
+    try:
+        with pytest.raises(ParityError, match="iou_predictions|scores"):
+            check_parity(sam, files, x[None], coffee.shape[:2], atol=ATOL, rtol=RTOL)
+    finally:
+        with torch.no_grad():
+            sam.mask_decoder.iou_prediction_head.layers[-1].bias -= 1.0
+
+
+def test_ort_latency_and_coreml_skip(exported):
+    _, files = exported
+    ms = ort_latency_ms(files["encoder"], {"image": np.zeros((1, 3, 256, 256), np.float32)}, repeats=2)
+    assert ms > 0
+    result = export_coreml(exported[0], files["encoder"].with_name("encoder.mlpackage"))
+    assert result["status"] in ("skipped", "exported")
+    if result["status"] == "skipped":
+        assert "coremltools" in result["reason"]
