@@ -127,8 +127,9 @@ def _iter_tar(path: Path, select: Callable[[str], bool]) -> Iterator[Pair | Reje
                 key, _, ext = PurePosixPath(info.name).name.partition(".")
                 if ext not in PAIR or not select(key):
                     continue
+                payload = tar.extractfile(info).read()
                 members = pending.setdefault(key, {})
-                members[ext] = tar.extractfile(info).read()
+                members[ext] = payload
                 if len(members) == len(PAIR):
                     del pending[key]
                     yield Pair(source, key, members["jpg"], members["json"])
@@ -209,8 +210,9 @@ def _scale(values: list[float], sx: float, sy: float) -> list[float]:
 def convert(pair: Pair, target_size: int, jpeg_quality: int) -> tuple[dict[str, Any], int]:
     """Resize one pair so its longest side is `target_size`: (WebDataset sample, masks dropped).
 
-    Masks are resized once (bilinear, threshold 0.5) and re-encoded as RLE; boxes, points
-    and crop boxes are scaled; masks that vanish at the new size are dropped.
+    Masks are resized once (bilinear, threshold 0.5) and re-encoded as RLE, with box and
+    area recomputed from them (the box is the scaled box to within a pixel); points and
+    crop boxes are scaled; masks that vanish at the new size are dropped.
     Raises `BadSample` with the reason when the pair is unusable.
     """
     record = _parse_record(pair.json)
@@ -233,7 +235,7 @@ def convert(pair: Pair, target_size: int, jpeg_quality: int) -> tuple[dict[str, 
             annotations.append({
                 **ann,
                 "segmentation": {"size": [new_h, new_w], "counts": rle["counts"].decode("ascii")},
-                "bbox": _scale(ann["bbox"], sx, sy),
+                "bbox": [float(v) for v in mask_utils.toBbox(rle)],
                 "area": area,
                 "point_coords": [_scale(p, sx, sy) for p in ann.get("point_coords", [])],
                 "crop_box": _scale(ann.get("crop_box", [0, 0, width, height]), sx, sy),
