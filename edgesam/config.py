@@ -139,11 +139,14 @@ class RPNConfig(_Config):
 
 
 class EvaluateConfig(_Config):
-    max_images: int | None = None
+    max_images: int | None = None  # per dataset
     point_mode: Literal["center", "random"] = "center"
-    refine_iters: int = 0
+    point_outputs: Literal[1, 3, 4] = 3  # masks decoded for a single click (SAM: 3)
+    refine_iters: int = 0  # corrective clicks after the first
     multimask_select: Literal["score", "area", "oracle"] = "score"
     max_annotations_per_image: int = 32
+    # More COCO/LVIS-format val sets by name: (instances JSON, images directory).
+    extra_sets: dict[str, tuple[Path, Path]] = Field(default_factory=dict)
     overlay_images: int = 4
     speed_repeats: int = 5
 

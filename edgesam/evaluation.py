@@ -338,7 +338,8 @@ def _latency_ms(fn, repeats: int) -> float:
 @torch.no_grad()
 def model_speed(sam: Sam, repeats: int = 5, rpn: RPN | None = None) -> dict[str, float]:
     """Parameters, encoder GMACs (one image) and median PyTorch eager latencies on this
-    machine: the encoder on one image, the decoder on one point prompt."""
+    machine: the encoder on one image, the decoder on one point prompt, and with `rpn` the
+    proposals (FPN, head, NMS) of one image."""
     size = sam.image_encoder.img_size
     device = sam.device
     x = torch.randn(1, 3, size, size, device=device)
@@ -355,5 +356,7 @@ def model_speed(sam: Sam, repeats: int = 5, rpn: RPN | None = None) -> dict[str,
         "decoder_ms": _latency_ms(lambda: decode(sam, embedding, point, label, num_outputs=4), repeats),
     }
     if rpn is not None:
+        _, features = encode_with_features(sam.image_encoder, x)
         out["rpn_params_m"] = sum(p.numel() for p in rpn.parameters()) / 1e6
+        out["rpn_ms"] = _latency_ms(lambda: proposals(rpn, *rpn(features), [(size, size)]), repeats)
     return out

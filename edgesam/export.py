@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -255,6 +256,8 @@ def export_coreml(sam: Sam, path: Path) -> dict[str, Any]:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     model.save(str(tmp))
+    if path.exists():  # an .mlpackage is a directory: replace a previous attempt's
+        shutil.rmtree(path)
     os.replace(tmp, path)
     return {"status": "exported", "file": path.name,
             "nearest_vs_bilinear_max_abs_diff": float((nearest - reference).abs().max())}

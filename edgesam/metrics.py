@@ -55,7 +55,8 @@ class IoURecord:
 def summarize(records: Iterable[IoURecord]) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
     """mIoU as {dataset: {model: {prompt: {"all", "small", "medium", "large", "count"}}}}.
 
-    Size entries are present only for sizes that occur.
+    Keys keep the order in which they first occur in `records`; size entries are present
+    only for sizes that occur.
     """
     groups: dict[tuple[str, str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
@@ -63,7 +64,7 @@ def summarize(records: Iterable[IoURecord]) -> dict[str, dict[str, dict[str, dic
         bucket["all"].append(r.iou)
         bucket[r.size].append(r.iou)
     out: dict = {}
-    for (dataset, model, prompt), values in sorted(groups.items()):
+    for (dataset, model, prompt), values in groups.items():  # in the order first seen
         entry = {name: float(np.mean(v)) for name, v in values.items()}
         entry["count"] = len(values["all"])
         out.setdefault(dataset, {}).setdefault(model, {})[prompt] = entry

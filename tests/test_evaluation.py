@@ -172,3 +172,41 @@ def test_model_speed_reports_params_macs_and_latency(student_256):
     speed = model_speed(student_256, repeats=1)
     assert speed["encoder_gmacs"] > 0.1 and speed["encoder_ms"] > 0 and speed["decoder_ms"] > 0
     assert 1 < speed["encoder_params_m"] < 20
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """The evaluate stage run on a tiny committed upstream chain."""
+    from stage_chain import LOCAL, upstream_chain
+
+    from edgesam.artifacts import Artifact
+    from edgesam.config import EvaluateConfig
+    from pipelines import evaluate as stage
+
+    root = tmp_path_factory.mktemp("evaluate_stage")
+    inputs = upstream_chain(root)
+    out = Artifact("evaluate", "fixture", root / "evaluate")
+    out.path.mkdir()
+    cfg = EvaluateConfig(max_images=2, max_annotations_per_image=4, overlay_images=2, speed_repeats=1, refine_iters=1)
+    out.commit(stage.run(cfg, LOCAL, {k: inputs[k] for k in stage.UPSTREAM}, out.path))
+    return inputs, out
+
+
+def test_evaluate_stage_writes_metrics_report_and_plots(evaluated):
+    _, artifact = evaluated
+    manifest = artifact.manifest
+    for name in manifest["files"]:
+        assert (artifact.path / name).is_file() and (artifact.path / name).stat().st_size > 0
+    metrics = json.loads((artifact.path / "metrics.json").read_text())
+    assert set(metrics["miou"]) == {"sa1b", "coco"}
+    assert set(metrics["miou"]["sa1b"]) == {"teacher", "encoder_kd", "prompt_kd"}
+    assert set(metrics["miou"]["coco"]) == {"teacher", "encoder_kd", "prompt_kd", "prompt_kd+rpn"}
+    for models in metrics["miou"].values():
+        for prompts in models.values():
+            assert set(prompts) == {"box", "point", "point+1"}
+            assert all(0.0 <= v["all"] <= 1.0 and 1 <= v["count"] <= 8 for v in prompts.values())
+    prior = metrics["granularity_prior"]
+    assert prior["point_miou_off"] == metrics["miou"]["coco"]["prompt_kd"]["point"]["all"]
+    assert "ap" in prior["proposals"] and "rpn_ms" in metrics["speed"]["prompt_kd+rpn"]
+    report = (artifact.path / "report.md").read_text()
+    assert "![overlays](overlays.png)" in report and f"{prior['point_miou_on']:.3f}" in report

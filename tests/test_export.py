@@ -88,3 +88,38 @@ def test_ort_latency_and_coreml_skip(exported):
     assert result["status"] in ("skipped", "exported")
     if result["status"] == "skipped":
         assert "coremltools" in result["reason"]
+
+
+def test_export_stage_writes_a_checked_bundle(tmp_path):
+    import json
+
+    from stage_chain import LOCAL, upstream_chain
+
+    from edgesam.artifacts import Artifact
+    from edgesam.config import EvaluateConfig, ExportConfig
+    from edgesam.models.edgesam import load_edgesam
+    from edgesam.models.rpn import load_rpn
+    from pipelines import evaluate, export
+
+    inputs = upstream_chain(tmp_path)
+    inputs["evaluate"] = Artifact("evaluate", "fixture", tmp_path / "evaluate")
+    inputs["evaluate"].path.mkdir()
+    inputs["evaluate"].commit(evaluate.run(EvaluateConfig(max_images=1, max_annotations_per_image=2, overlay_images=0,
+                                                          speed_repeats=1), LOCAL,
+                                           {k: inputs[k] for k in evaluate.UPSTREAM}, inputs["evaluate"].path))
+    out = tmp_path / "export"
+    out.mkdir()
+    manifest = export.run(ExportConfig(latency_repeats=1), LOCAL, {k: inputs[k] for k in export.UPSTREAM}, out)
+    for name in manifest["files"]:
+        assert (out / name).is_file(), name
+    assert manifest["parity"]["passed"] and manifest["parity"]["fusion_max_abs_diff"] < 1e-3
+    assert set(manifest["latency_ms"]) == {"onnxruntime", "pytorch"}
+    assert manifest["coreml"]["status"] == "skipped"
+    load_edgesam(out / manifest["checkpoint"])
+    load_rpn(out / manifest["rpn"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["img_size"] == 128 and config["rpn"]["k"] == 3
+    card = (out / "MODEL_CARD.md").read_text()
+    prior = inputs["evaluate"].manifest["granularity_prior"]
+    assert f"{prior['point_miou_off']:.3f} without the RPN" in card
+    assert f"AR@100 {prior['proposals']['ar100']:.3f}" in card

@@ -71,22 +71,11 @@ def test_rpn_overfits_a_box_and_proposes_it(tmp_path):
 
 @pytest.fixture(scope="module")
 def rpn_inputs(tmp_path_factory):
-    """A tiny embedded benchmark and a random-weight student as committed artifacts."""
-    from edgesam.artifacts import Artifact
-    from edgesam.config import DataConfig
-    from edgesam.data.synth import write_benchmark
-    from edgesam.models.edgesam import build_edgesam, save_edgesam
+    from stage_chain import upstream_chain
 
     root = tmp_path_factory.mktemp("rpn_stage")
-    data = Artifact("data", "fixture", root / "data")
-    data.commit(write_benchmark(data.path, DataConfig(num_train=8, num_val=4, images_per_tar=8, min_side=192,
-                                                      max_side=256, objects_per_image=(2, 3))))
-    student = Artifact("prompt_kd", "fixture", root / "prompt_kd")
-    student.path.mkdir()
-    torch.manual_seed(0)
-    save_edgesam(build_edgesam("repvit_m1", img_size=128), student.path / "student.pt")
-    student.commit({"student": "student.pt", "img_size": 128})
-    return {"data": data, "prompt_kd": student}, root
+    arts = upstream_chain(root, with_rpn=False)
+    return {"data": arts["data"], "prompt_kd": arts["prompt_kd"]}, root
 
 
 def test_rpn_stage_trains_loss_falls_and_measures_ap(rpn_inputs):

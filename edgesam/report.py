@@ -1,0 +1,185 @@
+"""The evaluation report: Markdown tables and matplotlib plots, written atomically."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from edgesam.evaluation import Overlay  # noqa: E402
+from edgesam.metrics import SIZES  # noqa: E402
+
+MIOU_PLOT = "miou_by_prompt.png"
+SPEED_PLOT = "speed_vs_miou.png"
+OVERLAY_PLOT = "overlays.png"
+MODEL_ORDER = ("teacher", "encoder_kd", "prompt_kd", "prompt_kd+rpn")
+DATASET_ORDER = ("sa1b", "coco")
+COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def plot_miou_by_prompt(miou: dict[str, Any], path: Path) -> None:
+    """Grouped bars: one panel per dataset, prompt types on x, one bar (colour) per model."""
+    datasets = _ordered(miou, DATASET_ORDER)
+    everyone = _ordered({m: None for d in datasets for m in miou[d]}, MODEL_ORDER)
+    color = {m: COLORS[i % len(COLORS)] for i, m in enumerate(everyone)}
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 3.8), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        models = _ordered(miou[dataset], MODEL_ORDER)
+        prompts = sorted({p for m in models for p in miou[dataset][m]}, key=_prompt_order)
+        width = 0.8 / len(models)
+        for i, model in enumerate(models):
+            values = [miou[dataset][model].get(p, {}).get("all", np.nan) for p in prompts]
+            ax.bar(np.arange(len(prompts)) + i * width - 0.4 + width / 2, values, width, label=model,
+                   color=color[model])
+        ax.set_xticks(np.arange(len(prompts)), prompts)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("mIoU")
+        ax.set_title(dataset)
+        ax.grid(axis="y", alpha=0.3)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=color[m]) for m in everyone]
+    fig.legend(handles, everyone, loc="upper center", ncol=len(everyone), fontsize=8, bbox_to_anchor=(0.5, 1.06))
+    _save(fig, path)
+
+
+def plot_speed_vs_miou(speed: dict[str, dict[str, float]], miou: dict[str, dict[str, float]], path: Path,
+                       label: str) -> None:
+    """Encoder latency against mIoU (one point per model)."""
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    for i, (model, value) in enumerate(miou.items()):
+        if model not in speed:
+            continue
+        ax.scatter(speed[model]["encoder_ms"], value, s=60, color=COLORS[i % len(COLORS)])
+        ax.annotate(model, (speed[model]["encoder_ms"], value), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel("encoder latency on this machine (ms, PyTorch eager)")
+    ax.set_ylabel(label)
+    ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def _tint(image: np.ndarray, mask: np.ndarray, color: tuple[float, float, float]) -> np.ndarray:
+    out = image.astype(np.float32) / 255
+    out[mask] = 0.45 * out[mask] + 0.55 * np.array(color)
+    return out
+
+
+def plot_overlays(overlays: Sequence[Overlay], path: Path) -> None:
+    """One row per image: ground truth, then each model's mask for the same centre click."""
+    models = list(overlays[0].masks)
+    cols = 1 + len(models)
+    fig, axes = plt.subplots(len(overlays), cols, figsize=(2.6 * cols, 2.6 * len(overlays)), squeeze=False)
+    for row, overlay in zip(axes, overlays):
+        panels = [("ground truth", overlay.gt, (0.1, 0.8, 0.1))] + [
+            (name, overlay.masks[name], (0.9, 0.2, 0.2)) for name in models
+        ]
+        for ax, (title, mask, color) in zip(row, panels):
+            ax.imshow(_tint(overlay.image, mask, color))
+            ax.plot(*overlay.point, marker="*", color="yellow", markersize=10, markeredgecolor="black")
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    _save(fig, path)
+
+
+def _ordered(names: Any, preferred: Sequence[str]) -> list[str]:
+    """`names` with the preferred ones first, in that order, then the rest alphabetically."""
+    rank = {name: i for i, name in enumerate(preferred)}
+    return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
+
+
+def _prompt_order(prompt: str) -> tuple[int, str]:
+    return ({"box": 0, "point": 1}.get(prompt, 2), prompt)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def miou_tables(miou: dict[str, Any]) -> list[str]:
+    lines = []
+    for dataset in _ordered(miou, DATASET_ORDER):
+        models = {m: miou[dataset][m] for m in _ordered(miou[dataset], MODEL_ORDER)}
+        prompts = sorted({p for m in models.values() for p in m}, key=_prompt_order)
+        lines += [f"### {dataset}", "", "| model | " + " | ".join(prompts) + " | annotations |",
+                  "|---|" + "---|" * (len(prompts) + 1)]
+        for model, values in models.items():
+            count = next(iter(values.values()))["count"]
+            lines.append(f"| {model} | " + " | ".join(_fmt(values.get(p, {}).get("all")) for p in prompts)
+                         + f" | {count} |")
+        lines += ["", "By object size (COCO small / medium / large, scaled to the frame):", "",
+                  "| model | prompt | " + " | ".join(SIZES) + " |", "|---|---|" + "---|" * len(SIZES)]
+        for model, values in models.items():
+            for prompt in prompts:
+                if prompt in values:
+                    lines.append(f"| {model} | {prompt} | "
+                                 + " | ".join(_fmt(values[prompt].get(s)) for s in SIZES) + " |")
+        lines.append("")
+    return lines
+
+
+def speed_table(speed: dict[str, dict[str, float]]) -> list[str]:
+    lines = ["| model | encoder params (M) | decoder params (M) | encoder GMACs | encoder ms | decoder ms | RPN ms |",
+             "|---|---|---|---|---|---|---|"]
+    for model in _ordered(speed, MODEL_ORDER):
+        s = speed[model]
+        lines.append(f"| {model} | {_fmt(s['encoder_params_m'], 2)} | {_fmt(s['decoder_params_m'], 2)} | "
+                     f"{_fmt(s['encoder_gmacs'], 2)} | {_fmt(s['encoder_ms'], 1)} | {_fmt(s['decoder_ms'], 1)} | "
+                     f"{_fmt(s.get('rpn_ms'), 1)} |")
+    return lines
+
+
+def write_report(metrics: dict[str, Any], overlays: Sequence[Overlay], out: Path) -> list[str]:
+    """report.md and its plots in `out`; returns the written file names."""
+    out = Path(out)
+    miou, speed = metrics["miou"], metrics["speed"]
+    files = [MIOU_PLOT, SPEED_PLOT]
+    plot_miou_by_prompt(miou, out / MIOU_PLOT)
+    headline = metrics["headline"]
+    plot_speed_vs_miou(speed, headline["miou"], out / SPEED_PLOT, headline["label"])
+    protocol = metrics["protocol"]
+    lines = [
+        "# EdgeSAM evaluation", "",
+        f"Protocol: box prompts from ground-truth boxes; point prompts at the mask "
+        f"{'centre (farthest from the boundary)' if protocol['point_mode'] == 'center' else 'random interior pixel'}, "
+        f"{protocol['point_outputs']} mask output(s) selected by {protocol['multimask_select']}; "
+        f"`point+r`: after r corrective clicks. IoU per annotation at the image's resolution, averaged.",
+        "", "## mIoU", "", *miou_tables(miou), f"![mIoU per prompt type]({MIOU_PLOT})", "",
+    ]
+    prior = metrics.get("granularity_prior")
+    if prior:
+        lines += [
+            "## Granularity prior (RPN)", "",
+            f"Proposals on the COCO-format val set (class-agnostic COCOeval): box AP {_fmt(prior['proposals']['ap'])}, "
+            f"AP50 {_fmt(prior['proposals']['ap50'])}, AR@100 {_fmt(prior['proposals']['ar100'])}.", "",
+            f"Point-prompt mIoU against COCO-format instance masks, k = {prior['k']}:", "",
+            "| RPN | point mIoU |", "|---|---|",
+            f"| off | {_fmt(prior['point_miou_off'])} |", f"| on | {_fmt(prior['point_miou_on'])} |", "",
+        ]
+    lines += ["## Speed", "", f"Measured on this machine ({metrics['machine']}), PyTorch eager, batch 1; "
+              "decoder: one point prompt, four mask outputs.", "", *speed_table(speed), "",
+              f"![speed vs mIoU]({SPEED_PLOT})", ""]
+    if overlays:
+        plot_overlays(overlays, out / OVERLAY_PLOT)
+        files.append(OVERLAY_PLOT)
+        lines += ["## Teacher vs students", "", "Centre click (star) on the largest object of the first val images.",
+                  "", f"![overlays]({OVERLAY_PLOT})", ""]
+    _write_text(out / "report.md", "\n".join(lines))
+    return ["report.md", *files]
