@@ -209,8 +209,10 @@ def main() -> None:
 
     malloc = {k: os.environ[k] for k in MALLOC_ENV if k in os.environ} or "glibc defaults"
     print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}, "
-          f"malloc: {malloc}", flush=True)
+          f"malloc: {malloc}, load average before {os.getloadavg()[0]:.2f}", flush=True)
+    load_before = os.getloadavg()[0]
     rows = measure(args)
+    load_after = os.getloadavg()[0]
     ratios(rows)
     paper_row = rows["student encoder + decoder, 1 box"]
     paper = {
@@ -224,9 +226,12 @@ def main() -> None:
           f"ours {paper_row['params_m']:.2f} M ({paper['params_rel_diff']:+.1%}), "
           f"{paper_row['gmacs']:.2f} GMACs ({paper['gmacs_rel_diff']:+.1%})")
     print("GMACs: Conv2d/ConvTranspose2d/Linear multiply-accumulates; all GMACs: flop_counter FLOPs / 2")
+    print(f"1-minute load average: {load_before:.2f} before, {load_after:.2f} after "
+          f"({os.cpu_count()} CPUs; other processes inflate latencies)")
     result = {
         "img_size": args.img_size, "backbone": args.backbone, "threads": args.threads,
-        "torch": torch.__version__, "machine": platform.machine(), "malloc": malloc,
+        "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
+        "load_average": {"before": load_before, "after": load_after}, "malloc": malloc,
         "mac_convention": "conv2d + conv_transpose2d + linear multiply-accumulates (forward hooks)",
         "rows": rows, "paper": paper,
     }
