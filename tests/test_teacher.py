@@ -88,6 +88,16 @@ def test_load_teacher_loads_matching_state_dict(tmp_path, monkeypatch):
         assert torch.equal(a, b), name
 
 
+def test_load_teacher_pinned_sha256(tmp_path):
+    path = tmp_path / "sam.pth"
+    torch.save({"x": torch.zeros(1)}, path)
+    sha256, _ = teacher.file_digests(path)
+    with pytest.raises(TeacherCheckpointError, match=f"{path} has sha256 {sha256}, expected 00ff"):
+        load_teacher("vit_b", path, sha256="00ff")
+    with pytest.raises(TeacherCheckpointError, match="is not a SAM vit_b checkpoint"):
+        load_teacher("vit_b", path, sha256=sha256.upper())  # digest passes, keys do not
+
+
 def test_load_teacher_missing_file(tmp_path):
     path = tmp_path / "sam_vit_h_4b8939.pth"
     with pytest.raises(TeacherCheckpointError, match="not found") as err:

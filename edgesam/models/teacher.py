@@ -169,31 +169,33 @@ def file_digests(path: Path, chunk: int = 1 << 24) -> tuple[str, str]:
     return sha.hexdigest(), md5.hexdigest()
 
 
-def load_teacher(kind: str, checkpoint: Path) -> Sam:
+def load_teacher(kind: str, checkpoint: Path, sha256: str | None = None) -> Sam:
     """Load an official SAM (`vit_h`, `vit_l` or `vit_b`) from `checkpoint`, verified.
 
-    A file carrying an official name must match the official digest; any file must hold a
-    state dict whose keys and shapes are exactly those of the `kind` model.
+    A file carrying an official name must match the official digest; `sha256`, when given,
+    pins the file's SHA-256. Any file must hold a state dict whose keys and shapes are
+    exactly those of the `kind` model.
     """
     if kind not in OFFICIAL_CHECKPOINTS:
         raise ValueError(f"unknown SAM kind {kind!r}; expected one of {sorted(OFFICIAL_CHECKPOINTS)}")
     path = Path(checkpoint)
     if not path.is_file():
         raise TeacherCheckpointError(f"SAM {kind} checkpoint not found: {path}")
-    sha256, md5 = file_digests(path)
     official = {name: (k, digest) for k, (name, digest) in OFFICIAL_CHECKPOINTS.items()}
-    if path.name in official:
-        official_kind, digest = official[path.name]
-        if official_kind != kind:
-            raise TeacherCheckpointError(
-                f"{path} is the official SAM {official_kind} checkpoint, but {kind} was requested"
-            )
-        if md5 != digest:
-            raise TeacherCheckpointError(
-                f"{path} does not match the official {path.name}: md5 {md5}, expected {digest} "
-                "(incomplete download or a different file)"
-            )
-    log.info("SAM %s checkpoint %s sha256=%s", kind, path, sha256)
+    official_kind, official_md5 = official.get(path.name, (kind, None))
+    if official_kind != kind:
+        raise TeacherCheckpointError(
+            f"{path} is the official SAM {official_kind} checkpoint, but {kind} was requested"
+        )
+    actual_sha256, md5 = file_digests(path)
+    if official_md5 is not None and md5 != official_md5:
+        raise TeacherCheckpointError(
+            f"{path} does not match the official {path.name}: md5 {md5}, expected {official_md5} "
+            "(incomplete download or a different file)"
+        )
+    if sha256 is not None and actual_sha256 != sha256.lower():
+        raise TeacherCheckpointError(f"{path} has sha256 {actual_sha256}, expected {sha256}")
+    log.info("SAM %s checkpoint %s sha256=%s", kind, path, actual_sha256)
     state = load_checkpoint_file(path, f"SAM {kind}")
     with torch.device("meta"):  # shapes only: reject a wrong model before allocating it
         _check_state(sam_model_registry[kind]().state_dict(), state, path, f"SAM {kind}")
