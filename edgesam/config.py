@@ -131,6 +131,7 @@ class RPNConfig(_Config):
     k: int = 3  # proposals merged around a point prompt
     channels: int = 128  # FPN and head width
     num_convs: int = 2  # shared head tower depth
+    cache_features: bool = False  # keep the frozen encoder's features in memory after epoch 1
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     huber_beta: float = 0.1

@@ -37,23 +37,37 @@ log = logging.getLogger("edgesam.pipelines.rpn")
 
 
 class FrozenEncoderRPN(nn.Module):
-    """The fused, frozen student encoder (kept in eval mode) and the trainable RPN."""
+    """The fused, frozen student encoder (kept in eval mode) and the trainable RPN.
 
-    def __init__(self, encoder: nn.Module, rpn: RPN):
+    With `cache_features` the encoder's features are kept (float16) per image index after
+    the first epoch: the encoder is frozen, so they are a pure function of the image.
+    """
+
+    def __init__(self, encoder: nn.Module, rpn: RPN, cache_features: bool = False):
         super().__init__()
         self.encoder = encoder.eval().fuse()
         self.encoder.requires_grad_(False)
         self.rpn = rpn
+        self.cache: dict[int, list[torch.Tensor]] | None = {} if cache_features else None
 
     def train(self, mode: bool = True) -> FrozenEncoderRPN:
         super().train(mode)
         self.encoder.eval()
         return self
 
-    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        with torch.no_grad():
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, indices: torch.Tensor) -> list[torch.Tensor]:
+        keys = indices.tolist()
+        if self.cache is None or any(k not in self.cache for k in keys):
             _, features = encode_with_features(self.encoder, images)
-        return self.rpn(features)
+            if self.cache is None:
+                return features
+            for i, key in enumerate(keys):
+                self.cache[key] = [f[i].half() for f in features]
+        return [torch.stack([self.cache[k][level] for k in keys]).float() for level in range(len(self.rpn.strides))]
+
+    def forward(self, images: torch.Tensor, indices: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return self.rpn(self.features(images, indices))
 
 
 class CocoBoxes(torch.utils.data.Dataset):
@@ -70,7 +84,7 @@ class CocoBoxes(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, torch.Tensor]:
         info = self.coco.imgs[self.image_ids[index]]
         path = self.images_dir / info["file_name"]
         if not path.is_file():
@@ -81,11 +95,12 @@ class CocoBoxes(torch.utils.data.Dataset):
                 if not a.get("iscrowd", 0) and a["bbox"][2] >= 1 and a["bbox"][3] >= 1]
         x, _ = preprocess(image, self.img_size)
         boxes = scale_boxes(xywh_to_xyxy(np.array([a["bbox"] for a in anns])), image.shape[:2], self.img_size)
-        return x, torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        return index, x, torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
 
 
-def collate(items: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
-    return {"images": torch.stack([x for x, _ in items]), "boxes": [b for _, b in items]}
+def collate(items: list[tuple[int, torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+    return {"indices": torch.tensor([i for i, _, _ in items]), "images": torch.stack([x for _, x, _ in items]),
+            "boxes": [b for _, _, b in items]}
 
 
 @dataclass
@@ -102,7 +117,8 @@ class RPNTask:
 
     def build_model(self) -> nn.Module:
         encoder = load_edgesam(self.student_checkpoint).image_encoder
-        return FrozenEncoderRPN(encoder, build_rpn(encoder, self.cfg.channels, self.cfg.num_convs))
+        rpn = build_rpn(encoder, self.cfg.channels, self.cfg.num_convs)
+        return FrozenEncoderRPN(encoder, rpn, self.cfg.cache_features)
 
     def parameters(self, model: nn.Module) -> Iterable[nn.Parameter]:
         return model.rpn.parameters()
@@ -120,7 +136,7 @@ class RPNTask:
                                            prefetch_factor=4 if workers else None)
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        logits, deltas = model(batch["images"])
+        logits, deltas = model(batch["images"], batch["indices"])
         return rpn_loss(model.rpn, logits, deltas, batch["boxes"], self.cfg.focal_alpha, self.cfg.focal_gamma,
                         self.cfg.huber_beta)
 

@@ -83,7 +83,7 @@ def test_rpn_stage_trains_loss_falls_and_measures_ap(rpn_inputs):
     from pipelines import rpn as stage
 
     inputs, root = rpn_inputs
-    cfg = RPNConfig(channels=32, num_convs=1, train=TrainConfig(
+    cfg = RPNConfig(channels=32, num_convs=1, cache_features=True, train=TrainConfig(
         epochs=12, batch_size=4, lr=5e-3, lr_ref_batch=4, warmup_steps=2, log_every=2, checkpoint_every=10,
         loader_workers=0))
     out = root / "rpn"
@@ -96,3 +96,24 @@ def test_rpn_stage_trains_loss_falls_and_measures_ap(rpn_inputs):
     rpn = load_rpn(out / manifest["rpn"])
     assert torch.load(out / manifest["rpn"], weights_only=True)["meta"]["k"] == cfg.k
     assert rpn.config["channels"] == 32
+
+
+def test_feature_cache_skips_the_frozen_encoder(student_256):
+    from pipelines.rpn import FrozenEncoderRPN
+    from edgesam.models.rpn import build_rpn
+
+    import copy
+
+    encoder = copy.deepcopy(student_256.image_encoder)
+    model = FrozenEncoderRPN(encoder, build_rpn(encoder, 16, 1), cache_features=True).train()
+    assert not model.encoder.training  # frozen encoder stays in eval mode
+    calls = []
+    model.encoder.register_forward_hook(lambda *args: calls.append(1))
+    images, indices = torch.randn(2, 3, 256, 256), torch.tensor([5, 9])
+    first = model.features(images, indices)
+    second = model.features(torch.zeros_like(images), indices)  # served from the cache
+    assert len(calls) == 1
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b)
+    model.features(images, torch.tensor([5, 10]))  # one unseen image: the encoder runs again
+    assert len(calls) == 2
