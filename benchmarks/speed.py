@@ -147,6 +147,8 @@ def measure(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             lambda b=boxes: decode(student, emb, boxes=b, num_outputs=4),
             m_student, lambda b=m_boxes: decode(m_student, m_emb, boxes=b, num_outputs=4),
             args.warmup, args.repeats)
+    if not args.skip_onnx:
+        onnx_rows(student, m_student, m_image, m_emb, m_box, box, image, emb, args, add)
     del student
 
     for kind, warmup, repeats in (("vit_b", 1, args.vit_b_repeats), ("vit_h", 0, args.vit_h_repeats)):
@@ -162,6 +164,35 @@ def measure(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             m_vit, lambda: m_vit(m_image), warmup, repeats)
         del vit
     return rows
+
+
+def onnx_rows(student: Any, m_student: Any, m_image: Any, m_emb: Any, m_box: Any, box: Any, image: Any,
+              emb: Any, args: argparse.Namespace, add: Callable[..., None]) -> None:
+    """ONNX Runtime (CPU) rows beside the PyTorch eager ones: the fused encoder exported as
+    `encoder.onnx` and the compact decoder (`decoder_edgesam.onnx`) on one box, at the same
+    thread count. Files go to a temporary directory."""
+    import tempfile
+
+    import numpy as np
+
+    from edgesam.export import export_compact_decoder, export_encoder, session
+    from edgesam.models.decoding import decode
+
+    with tempfile.TemporaryDirectory() as tmp:
+        print("exporting the fused student to ONNX ...", flush=True)
+        encoder_file, decoder_file = Path(tmp) / "encoder.onnx", Path(tmp) / "decoder_edgesam.onnx"
+        export_encoder(student, encoder_file)
+        export_compact_decoder(student, decoder_file)
+        encoder, decoder = session(encoder_file), session(decoder_file)
+        image_np = image.numpy()
+        feeds = {"image_embeddings": emb.numpy(), "point_coords": box.reshape(1, 2, 2).numpy(),
+                 "point_labels": np.array([[2.0, 3.0]], dtype=np.float32)}
+        add("student encoder (fused), ONNX Runtime", params_m(student.image_encoder),
+            lambda: encoder.run(None, {"image": image_np}),
+            m_student.image_encoder, lambda: m_student.image_encoder(m_image), args.warmup, args.repeats)
+        add("mask decoder, 1 box, ONNX Runtime", params_m(student.prompt_encoder) + params_m(student.mask_decoder),
+            lambda: decoder.run(None, feeds),
+            m_student, lambda: decode(m_student, m_emb, boxes=m_box, num_outputs=4), args.warmup, args.repeats)
 
 
 def ratios(rows: dict[str, dict[str, Any]]) -> None:
@@ -199,6 +230,7 @@ def main() -> None:
     parser.add_argument("--vit-b-repeats", type=int, default=3)
     parser.add_argument("--vit-h-repeats", type=int, default=1)
     parser.add_argument("--skip-sam", action="store_true", help="time the student only")
+    parser.add_argument("--skip-onnx", action="store_true", help="no ONNX Runtime rows")
     parser.add_argument("--no-malloc-tuning", action="store_true", help="keep glibc malloc defaults")
     args = parser.parse_args()
     ensure_malloc_tuning(not args.no_malloc_tuning)
