@@ -30,6 +30,7 @@ from edgesam.models.student import StudentEncoder
 from edgesam.models.teacher import load_teacher, load_tiny_sam
 from edgesam.prompt_eval import evaluate_prompts
 from edgesam.train import fit
+from pipelines.teacher import load_teacher_artifact
 
 STAGE = "encoder_kd"
 UPSTREAM = ("embed", "teacher")
@@ -55,13 +56,6 @@ def embed_inputs(embed: Artifact) -> tuple[int, list[str], int]:
     if not shards:
         raise FileNotFoundError(f"{embed.path}/train: the embed artifact has no training shards")
     return int(manifest["img_size"]), shards, int(manifest["splits"]["train"]["samples"])
-
-
-def teacher_source(teacher: Artifact) -> tuple[str, str]:
-    """(kind, checkpoint path) of the teacher artifact's model."""
-    manifest = teacher.manifest
-    path = Path(manifest["checkpoint"])
-    return manifest["kind"], str(path if path.is_absolute() else teacher.path / path)
 
 
 def load_teacher_model(kind: str, checkpoint: str) -> Sam:
@@ -145,13 +139,12 @@ def evaluate_val(embed: Artifact, teacher: Sam, students: dict[str, Sam]) -> dic
 def run(cfg: EncoderKDConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     embed, teacher_artifact = inputs["embed"], inputs["teacher"]
     img_size, shards, samples = embed_inputs(embed)
-    teacher_kind, teacher_checkpoint = teacher_source(teacher_artifact)
+    teacher, teacher_checkpoint = load_teacher_artifact(teacher_artifact)  # verifies its sha256
     task = EncoderKDTask(
         cfg.backbone, cfg.upsample_mode, img_size, shards, samples, cfg.train.loader_workers,
-        teacher_checkpoint, runtime.seed,
+        str(teacher_checkpoint), runtime.seed,
     )
     summary = fit(task, cfg.train, runtime, out)
-    teacher = load_teacher_model(teacher_kind, teacher_checkpoint)
     miou = evaluate_val(embed, teacher, {STAGE: load_edgesam(out / STUDENT_FILE)})
     log.info("val mIoU: %s", miou)
     return {

@@ -27,6 +27,7 @@ from edgesam.distill import prompt_in_the_loop_loss
 from edgesam.models.edgesam import load_edgesam, save_edgesam
 from edgesam.prompts import Prompts, sample_gt_prompts
 from edgesam.train import fit
+from pipelines.teacher import load_teacher_artifact
 from pipelines.encoder_kd import (
     STUDENT_FILE,
     embed_inputs,
@@ -35,7 +36,6 @@ from pipelines.encoder_kd import (
     load_teacher_model,
     loader,
     loss_summary,
-    teacher_source,
 )
 
 STAGE = "prompt_kd"
@@ -136,11 +136,10 @@ def run(cfg: PromptKDConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact]
     embed, phase1 = inputs["embed"], inputs["encoder_kd"]
     img_size, shards, samples = embed_inputs(embed)
     phase1_manifest = phase1.manifest
-    teacher_kind, teacher_checkpoint = teacher_source(inputs["teacher"])
+    teacher, teacher_checkpoint = load_teacher_artifact(inputs["teacher"])  # verifies its sha256
     task = PromptKDTask(cfg, img_size, shards, samples, str(phase1.path / phase1_manifest["student"]),
-                        teacher_kind, teacher_checkpoint, runtime.seed)
+                        inputs["teacher"].manifest["kind"], str(teacher_checkpoint), runtime.seed)
     summary = fit(task, cfg.train, runtime, out)
-    teacher = load_teacher_model(teacher_kind, teacher_checkpoint)
     miou = evaluate_val(embed, teacher, {STAGE: load_edgesam(out / STUDENT_FILE)})
     miou["encoder_kd"] = phase1_manifest["miou"]["encoder_kd"]
     log.info("val mIoU: %s", miou)
