@@ -10,10 +10,12 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from edgesam.config import RuntimeConfig, load_profile
-from edgesam.models.edgesam import build_edgesam, save_edgesam
+from edgesam.artifacts import Artifact, sha256_file
+from edgesam.config import EncoderKDConfig, RuntimeConfig, load_profile
+from edgesam.models.edgesam import build_edgesam, load_edgesam, save_edgesam
 from edgesam.models.teacher import build_tiny_sam, save_tiny_sam
 from edgesam.train import NonFiniteLossError, fit, last_checkpoint_path, load_checkpoint
+from pipelines import encoder_kd, prompt_kd
 from pipelines.encoder_kd import EncoderKDTask
 from pipelines.prompt_kd import PromptKDTask
 
@@ -65,12 +67,13 @@ def kd_inputs(tmp_path_factory):
     torch.manual_seed(0)
     teacher = build_tiny_sam(img_size=IMG, embed_dim=32, depth=1, num_heads=1)
     save_tiny_sam(teacher, root / "teacher.pt")
-    (root / "train").mkdir()
     rng = np.random.default_rng(0)
-    with tarfile.open(root / "train" / "shard-000000.tar", "w") as tar:
-        for i in range(6):
-            for ext, data in _sample(rng, i, teacher).items():
-                _add(tar, f"sa_{i}.{ext}", data)
+    for split, count in (("train", 6), ("val", 2)):
+        (root / split).mkdir()
+        with tarfile.open(root / split / "shard-000000.tar", "w") as tar:
+            for i in range(count):
+                for ext, data in _sample(rng, i, teacher).items():
+                    _add(tar, f"sa_{i}.{ext}", data)
     save_edgesam(build_edgesam(BACKBONE, IMG, decoder_init=teacher), root / "phase1.pt")
     return root
 
@@ -175,3 +178,28 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(kd_inpu
         fit(task, _fit_cfg(), LOCAL, tmp_path)
     assert load_checkpoint(last_checkpoint_path(tmp_path))["step"] == 4
     assert not (tmp_path / "student.pt").exists()
+
+
+def test_stages_write_students_and_report_miou(kd_inputs, tmp_path):
+    embed = Artifact("embed", "e", kd_inputs)
+    embed.commit({"img_size": IMG, "splits": {"train": {"samples": 6}, "val": {"samples": 2}}})
+    teacher = Artifact("teacher", "t", tmp_path / "teacher")
+    teacher.path.mkdir()
+    teacher.commit({"kind": "synthetic", "checkpoint": str(kd_inputs / "teacher.pt"),
+                    "sha256": sha256_file(kd_inputs / "teacher.pt")})
+    train = SMOKE.encoder_kd.train.model_copy(update={"max_steps": 2, "batch_size": 2, "loader_workers": 0})
+    cfg1 = EncoderKDConfig(backbone=BACKBONE, train=train)
+    body1 = encoder_kd.run(cfg1, LOCAL, {"embed": embed, "teacher": teacher}, tmp_path / "p1")
+    phase1 = Artifact("encoder_kd", "p1", tmp_path / "p1")
+    phase1.commit(body1)
+    cfg2 = SMOKE.prompt_kd.model_copy(update={"train": train})
+    body2 = prompt_kd.run(cfg2, LOCAL, {"embed": embed, "teacher": teacher, "encoder_kd": phase1}, tmp_path / "p2")
+    for body, out in ((body1, tmp_path / "p1"), (body2, tmp_path / "p2")):
+        assert body["steps"] == 2 and load_edgesam(out / body["student"]).image_encoder.img_size == IMG
+    assert set(body2["miou"]) == {"teacher", "encoder_kd", "prompt_kd"}
+    assert body2["miou"]["encoder_kd"] == body1["miou"]["encoder_kd"]
+    for name in ("encoder_kd", "prompt_kd"):
+        entry = body2["miou"][name]
+        assert entry["objects"] == 4
+        assert all(0.0 <= entry[k] <= 1.0 for k in ("box_gt", "point_gt", "box_teacher", "point_teacher"))
+    assert set(body2["miou"]["teacher"]) == {"box_gt", "point_gt", "objects"}
