@@ -58,29 +58,20 @@ def gt_points(annotations: Sequence[dict[str, Any]], scale: float = 1.0) -> tupl
     return xy, torch.ones(xy.shape[:2], dtype=torch.int64)
 
 
-def sample_gt_prompts(
-    annotations: Sequence[dict[str, Any]],
-    max_prompts: int,
-    prompt_types: Literal["both", "box", "point"],
-    box_prob: float,
-    scale: float,
-    rng: random.Random,
-) -> tuple[Prompts, list[int]]:
-    """EdgeSAM's initial prompts: up to `max_prompts` annotations, all boxes or all points.
-
-    With `prompt_types="both"` the prompts are boxes with probability `box_prob`, otherwise
-    one positive point each (the annotation's `point_coords`). Returns the prompts and the
-    indices of the chosen annotations.
-    """
-    if not annotations:
+def sample_annotations(num_annotations: int, max_prompts: int, rng: random.Random) -> list[int]:
+    """Sorted indices of up to `max_prompts` annotations drawn without replacement."""
+    if num_annotations == 0:
         raise ValueError("cannot sample prompts from an image without annotations")
-    chosen = sorted(rng.sample(range(len(annotations)), min(max_prompts, len(annotations))))
-    picked = [annotations[i] for i in chosen]
-    use_boxes = prompt_types == "box" or (prompt_types == "both" and rng.random() < box_prob)
-    if use_boxes:
-        return Prompts(boxes=gt_boxes(picked, scale)), chosen
-    points, labels = gt_points(picked, scale)
-    return Prompts(points, labels), chosen
+    return sorted(rng.sample(range(num_annotations), min(max_prompts, num_annotations)))
+
+
+def choose_prompt_kind(
+    prompt_types: Literal["both", "box", "point"], box_prob: float, generator: torch.Generator | None = None
+) -> Literal["box", "point"]:
+    """EdgeSAM: a training step uses boxes with probability `box_prob`, else single points."""
+    if prompt_types != "both":
+        return prompt_types
+    return "box" if float(torch.rand((), generator=generator)) < box_prob else "point"
 
 
 def disagreement_points(
@@ -125,3 +116,50 @@ def disagreement_points(
         points[i, :k] = (torch.stack([xs, ys], dim=1).float() + 0.5) * cell - 0.5
         labels[i, :k] = teacher[i].reshape(-1)[idx.to(teacher.device)].long().cpu()
     return points.to(teacher.device), labels.to(teacher.device)
+
+
+def uniform_pixels(region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pixel drawn uniformly (torch's global RNG) from each of N boolean (N, H, W) regions.
+
+    Returns xy (N, 2) float pixel positions and (N,) whether the region was non-empty (an
+    empty region gives (0, 0)). Vectorized: one random score per pixel, argmax inside the region.
+    """
+    n, h, w = region.shape
+    flat = region.reshape(n, h * w)
+    scores = torch.rand(n, h * w, device=region.device).masked_fill_(~flat, -1.0)
+    index = scores.argmax(dim=1)
+    xy = torch.stack([index % w, index // w], dim=1).float()
+    return xy, flat.any(dim=1)
+
+
+def interior_points(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's single-point prompt: a uniformly random pixel of each (N, H, W) mask.
+
+    Returns points (N, 1, 2) and labels (N, 1): 1, or -1 (padding) for an empty mask.
+    """
+    xy, found = uniform_pixels(masks.bool())
+    labels = torch.where(found, 1, PAD_LABEL).to(torch.int64)
+    return xy[:, None], labels[:, None]
+
+
+def error_region_clicks(
+    target: torch.Tensor, prediction: torch.Tensor, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's corrective click: a pixel drawn uniformly from where `prediction` is wrong.
+
+    Args:
+        target, prediction: (N, H, W) boolean masks on the input frame (one pixel per cell).
+        valid: (H, W) unpadded region (None: everywhere).
+
+    Returns points (N, 1, 2) and labels (N, 1): 1 in a missed (false negative) pixel, 0 in a
+    false positive, -1 (padding) where the prediction is already exact.
+    """
+    target, prediction = target.bool(), prediction.bool()
+    error = target ^ prediction
+    if valid is not None:
+        error &= valid.bool()
+    xy, found = uniform_pixels(error)
+    rows = torch.arange(len(xy), device=xy.device)
+    positive = target[rows, xy[:, 1].long(), xy[:, 0].long()]
+    labels = torch.where(found, positive.long(), PAD_LABEL)
+    return xy[:, None], labels[:, None]

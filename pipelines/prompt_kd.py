@@ -25,7 +25,7 @@ from edgesam.config import PromptKDConfig, RuntimeConfig
 from edgesam.data.shards import Sample, SampleDataset
 from edgesam.distill import prompt_in_the_loop_loss
 from edgesam.models.edgesam import load_edgesam, save_edgesam
-from edgesam.prompts import Prompts, sample_gt_prompts
+from edgesam.prompts import Prompts, choose_prompt_kind, gt_boxes, gt_points, sample_annotations
 from edgesam.train import fit
 from pipelines.teacher import load_teacher_artifact
 from pipelines.encoder_kd import (
@@ -57,16 +57,17 @@ class PromptKDModel(nn.Module):
         self.teacher = teacher.requires_grad_(False)
 
 
-def prompt_example(sample: Sample, img_size: int, cfg: PromptKDConfig, seed: int, epoch: int) -> dict[str, Any] | None:
-    """A phase-1 example plus the initial prompts of this epoch (None without annotations)."""
+def prompt_example(sample: Sample, img_size: int, max_prompts: int, seed: int, epoch: int) -> dict[str, Any] | None:
+    """A phase-1 example plus up to `max_prompts` annotations' boxes and points in the input
+    frame (the step picks one kind), drawn per (seed, epoch, image); None without annotations."""
     if not sample.annotations:
         return None
     example = embedding_example(sample, img_size, valid_stride=4)
-    rng = random.Random(f"{seed}/{epoch}/{sample.key}")
-    prompts, _ = sample_gt_prompts(
-        sample.annotations, cfg.max_prompts, cfg.prompt_types, cfg.box_prob, img_size / max(sample.hw), rng
-    )
-    example["prompts"] = {"points": prompts.points, "labels": prompts.labels, "boxes": prompts.boxes}
+    chosen = sample_annotations(len(sample.annotations), max_prompts, random.Random(f"{seed}/{epoch}/{sample.key}"))
+    picked = [sample.annotations[i] for i in chosen]
+    scale = img_size / max(sample.hw)
+    points, labels = gt_points(picked, scale)
+    example["prompts"] = {"boxes": gt_boxes(picked, scale), "points": points, "labels": labels}
     return example
 
 
@@ -111,7 +112,9 @@ class PromptKDTask:
         return self.samples
 
     def batches(self, rank: int, world_size: int, epoch: int, batch_size: int) -> Iterable[Any]:
-        transform = partial(prompt_example, img_size=self.img_size, cfg=self.cfg, seed=self.seed, epoch=epoch)
+        transform = partial(
+            prompt_example, img_size=self.img_size, max_prompts=self.cfg.max_prompts, seed=self.seed, epoch=epoch
+        )
         dataset = SampleDataset(self.shards, transform, shuffle=True, seed=self.seed, rank=rank, world_size=world_size)
         dataset.set_epoch(epoch)
         return loader(dataset, batch_size, self.cfg.train.loader_workers, self.seed + epoch, collate_prompts)
@@ -119,10 +122,15 @@ class PromptKDTask:
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         with torch.set_grad_enabled(not self.cfg.freeze_encoder):
             student_emb = model.student.image_encoder(batch["image"])
-        prompts = [Prompts(**p) for p in batch["prompts"]]
-        return prompt_in_the_loop_loss(
+        kind = choose_prompt_kind(self.cfg.prompt_types, self.cfg.box_prob)
+        prompts = [
+            Prompts(boxes=p["boxes"]) if kind == "box" else Prompts(p["points"], p["labels"])
+            for p in batch["prompts"]
+        ]
+        loss, metrics = prompt_in_the_loop_loss(
             model.student, model.teacher, student_emb, batch["teacher_emb"], prompts, batch["valid"], self.cfg
         )
+        return loss, {**metrics, "box_steps": float(kind == "box")}
 
     def batch_size_of(self, batch: dict[str, Any]) -> int:
         return len(batch["image"])

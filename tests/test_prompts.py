@@ -3,7 +3,15 @@ import random
 import pytest
 import torch
 
-from edgesam.prompts import PAD_LABEL, Prompts, disagreement_points, gt_boxes, gt_points, sample_gt_prompts
+from edgesam.prompts import (
+    PAD_LABEL,
+    Prompts,
+    choose_prompt_kind,
+    disagreement_points,
+    gt_boxes,
+    gt_points,
+    sample_annotations,
+)
 
 
 def _masks(h: int = 8, w: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,14 +90,15 @@ def test_gt_boxes_and_points_in_the_input_frame():
         gt_points([{"id": 9, "bbox": [0, 0, 1, 1], "point_coords": []}])
 
 
-def test_sample_gt_prompts_types_and_cap():
+def test_sample_annotations_caps_and_choose_prompt_kind():
     rng = random.Random(0)
-    prompts, chosen = sample_gt_prompts(ANNOTATIONS, 2, "box", 0.5, 1.0, rng)
-    assert len(prompts) == 2 and prompts.points is None and len(chosen) == 2
-    prompts, chosen = sample_gt_prompts(ANNOTATIONS, 16, "point", 0.5, 1.0, rng)
-    assert prompts.boxes is None and chosen == [0, 1, 2] and prompts.labels.shape == (3, 1)
-    kinds = {sample_gt_prompts(ANNOTATIONS, 16, "both", 0.5, 1.0, rng)[0].boxes is None for _ in range(50)}
-    assert kinds == {True, False}
+    assert len(sample_annotations(3, 2, rng)) == 2 and sample_annotations(3, 16, rng) == [0, 1, 2]
+    with pytest.raises(ValueError, match="without annotations"):
+        sample_annotations(0, 16, rng)
+    assert choose_prompt_kind("box", 0.0) == "box" and choose_prompt_kind("point", 1.0) == "point"
+    gen = torch.Generator().manual_seed(0)
+    kinds = [choose_prompt_kind("both", 0.5, gen) for _ in range(400)]
+    assert 150 < kinds.count("box") < 250
 
 
 def test_prompts_with_points_keeps_the_box():
