@@ -150,9 +150,12 @@ class Segmenter:
 
     @torch.no_grad()
     def segment(
-        self, item: EvalItem, protocol: EvalProtocol, rng: np.random.Generator
+        self, item: EvalItem, protocol: EvalProtocol, clicks: np.ndarray
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """IoU per annotation by prompt type, and the binary masks of the first click."""
+        """IoU per annotation by prompt type, and the binary masks of the first click.
+
+        `clicks` (N, 2) holds each annotation's first click, xy in the image frame.
+        """
         sam, device = self.sam, self.sam.device
         original = item.image.shape[:2]
         embedding, hw, found = self.encode(item.image)
@@ -167,24 +170,20 @@ class Segmenter:
         low, _ = decode(sam, embedding, boxes=boxes, num_outputs=1)
         ious["box"] = mask_iou(upsample(low)[:, 0], gt).cpu().numpy()
 
-        if protocol.point_mode == "center":
-            clicks = [center_point(m) for m in item.masks]
-        else:
-            clicks = [random_point(m, rng) for m in item.masks]
-        points = torch.as_tensor(scale_coords(np.array(clicks), original, self.img_size),
+        points = torch.as_tensor(scale_coords(clicks, original, self.img_size),
                                  dtype=torch.float32, device=device)[:, None]
         labels = torch.ones(points.shape[:2], dtype=torch.int64, device=device)
         prior = knn_merge(points[:, 0], *found, self.k) if found is not None else None
         if prior is not None:
             low, _ = decode(sam, embedding, points, labels, boxes=prior, num_outputs=1)
-            keep = torch.zeros(len(low), dtype=torch.long, device=device)
-            binary = upsample(low)
         else:
             low, scores = decode(sam, embedding, points, labels, num_outputs=protocol.point_outputs)
-            binary = upsample(low)
-            keep = select_masks(binary, scores, gt, protocol.multimask_select)
-        rows = torch.arange(len(low), device=device)
-        low, binary = low[rows, keep][:, None], binary[rows, keep]
+            if protocol.multimask_select == "score":  # no need to upsample the others
+                keep = scores.argmax(dim=1)
+            else:
+                keep = select_masks(upsample(low), scores, gt, protocol.multimask_select)
+            low = low[torch.arange(len(low), device=device), keep][:, None]
+        binary = upsample(low)[:, 0]
         ious["point"] = mask_iou(binary, gt).cpu().numpy()
         masks["point"] = binary.cpu().numpy()
 
@@ -212,15 +211,19 @@ def evaluate(
     `overlays` images (their largest object)."""
     records: list[IoURecord] = []
     shown: list[Overlay] = []
-    for index, item in enumerate(items):
+    for index, item in enumerate(tqdm(items, desc=f"evaluate {dataset}", unit="img", mininterval=5.0)):
         if len(item.masks) == 0:
             continue
         sizes = [size_bucket(float(m.sum()), item.image.shape[:2]) for m in item.masks]
+        if protocol.point_mode == "center":
+            clicks = np.array([center_point(m) for m in item.masks])
+        else:
+            rng = np.random.default_rng([seed, index])
+            clicks = np.array([random_point(m, rng) for m in item.masks])
         largest = int(np.argmax(item.masks.reshape(len(item.masks), -1).sum(1)))
-        overlay = Overlay(item.image, item.masks[largest], center_point(item.masks[largest])) if index < overlays else None
-        for segmenter in segmenters:
-            rng = np.random.default_rng([seed, index])  # same random clicks for every model
-            ious, masks = segmenter.segment(item, protocol, rng)
+        overlay = Overlay(item.image, item.masks[largest], tuple(clicks[largest])) if index < overlays else None
+        for segmenter in segmenters:  # the same clicks for every model
+            ious, masks = segmenter.segment(item, protocol, clicks)
             for prompt, values in ious.items():
                 records += [IoURecord(segmenter.name, dataset, prompt, s, float(v)) for s, v in zip(sizes, values)]
             if overlay is not None:

@@ -174,12 +174,13 @@ def write_report(metrics: dict[str, Any], overlays: Sequence[Overlay], out: Path
             f"| off | {_fmt(prior['point_miou_off'])} |", f"| on | {_fmt(prior['point_miou_on'])} |", "",
         ]
     lines += ["## Speed", "", f"Measured on this machine ({metrics['machine']}), PyTorch eager, batch 1; "
-              "decoder: one point prompt, four mask outputs.", "", *speed_table(speed), "",
+              "decoder: one point prompt, four mask outputs; GMACs: every operation torch.utils.flop_counter counts, "
+              "FLOPs / 2 (benchmarks/speed.py also reports conv/linear-only MACs).", "", *speed_table(speed), "",
               f"![speed vs mIoU]({SPEED_PLOT})", ""]
     if overlays:
         plot_overlays(overlays, out / OVERLAY_PLOT)
         files.append(OVERLAY_PLOT)
-        lines += ["## Teacher vs students", "", "Centre click (star) on the largest object of the first val images.",
+        lines += ["## Teacher vs students", "", "The first click (star) on the largest object of the first val images.",
                   "", f"![overlays]({OVERLAY_PLOT})", ""]
     _write_text(out / "report.md", "\n".join(lines))
     return ["report.md", *files]

@@ -102,7 +102,7 @@ class _Oracle:
     def __init__(self, name: str, perfect: bool):
         self.name, self.perfect = name, perfect
 
-    def segment(self, item, protocol, rng):
+    def segment(self, item, protocol, clicks):
         pred = item.masks if self.perfect else np.zeros_like(item.masks)
         iou = np.array([float((p & g).sum()) / float((p | g).sum()) for p, g in zip(pred, item.masks)])
         return {"box": iou, "point": iou}, {"point": pred}
