@@ -141,3 +141,21 @@ def test_prompt_loss_targets(teacher):
     soft, _ = prompt_in_the_loop_loss(student, teacher, emb, emb, _prompts(), valid,
                                       PromptKDConfig(decode_iters=1, target="logits"))
     assert binary.item() > 0 and soft.item() > 0 and binary.item() != pytest.approx(soft.item())
+
+
+def test_evaluate_prompts_against_ground_truth_and_teacher(teacher):
+    import numpy as np
+
+    from edgesam.evaluation import EvalItem
+    from edgesam.prompt_eval import evaluate_prompts
+
+    masks = np.zeros((2, 48, 64), dtype=bool)
+    masks[0, 4:20, 4:30] = True
+    masks[1, 30:44, 40:60] = True
+    image = np.where(masks.any(0)[..., None], 220, 30).astype(np.uint8).repeat(3, axis=2)
+    item = EvalItem("a", image, masks, np.array([[4, 4, 30, 20], [40, 30, 60, 44]], dtype=float))
+    results = evaluate_prompts([item, item], teacher, {"copy": copy.deepcopy(teacher)})
+    assert results["copy"]["box_teacher"] == 1.0 and results["copy"]["point_teacher"] == 1.0
+    assert results["copy"]["box_gt"] == results["teacher"]["box_gt"]
+    assert results["teacher"]["objects"] == results["copy"]["objects"] == 4
+    assert 0.0 <= results["teacher"]["point_gt"] <= 1.0
