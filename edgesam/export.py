@@ -254,7 +254,7 @@ def export_coreml(sam: Sam, path: Path) -> dict[str, Any]:
     model = ct.convert(traced, inputs=[ct.TensorType(name="image", shape=example.shape)],
                        outputs=[ct.TensorType(name="image_embeddings")], convert_to="mlprogram")
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # coremltools wants the .mlpackage suffix
     model.save(str(tmp))
     if path.exists():  # an .mlpackage is a directory: replace a previous attempt's
         shutil.rmtree(path)
