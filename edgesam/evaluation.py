@@ -317,7 +317,10 @@ def _quiet(fn, *args):
 
 def _read_image(coco: COCO, image_id: int, annotation_file: str | Path, images_dir: str | Path) -> np.ndarray:
     info = coco.imgs[image_id]
-    path = Path(images_dir) / info["file_name"]
+    name = info.get("file_name") or Path(info.get("coco_url", "")).name  # LVIS names images by URL
+    if not name:
+        raise ValueError(f"{annotation_file}: image {image_id} has neither file_name nor coco_url")
+    path = Path(images_dir) / name
     if not path.is_file():
         raise FileNotFoundError(f"{annotation_file}: image {image_id} refers to {path}, which does not exist")
     with Image.open(path) as img:

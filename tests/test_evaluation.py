@@ -163,6 +163,10 @@ def test_coco_items_read_instances_json(tmp_path, coffee):
     assert len(items) == 1 and items[0].masks.shape == (2, 400, 600)
     np.testing.assert_array_equal(items[0].masks, item.masks[:2])
     np.testing.assert_allclose(items[0].boxes, item.boxes[:2])
+    lvis = {**data, "images": [{"id": 7, "coco_url": "http://images.cocodataset.org/val2017/img.jpg",
+                                "height": 400, "width": 600}]}
+    (tmp_path / "lvis.json").write_text(json.dumps(lvis))
+    assert len(list(coco_items(tmp_path / "lvis.json", tmp_path))[0].masks) == 3  # LVIS: file name from the URL
     (tmp_path / "img.jpg").unlink()
     with pytest.raises(FileNotFoundError, match="img.jpg"):
         list(coco_items(tmp_path / "instances.json", tmp_path))
