@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import re
 import tarfile
 from dataclasses import dataclass
@@ -191,6 +192,10 @@ def _decode_jpeg(raw: bytes) -> Image.Image:
 
 
 def _resize_mask(rle: dict[str, Any], size: tuple[int, int], new_size: tuple[int, int]) -> np.ndarray:
+    """Decode an RLE and resize it (bilinear, threshold 0.5), resampling only around the mask.
+
+    Returns a Fortran-ordered uint8 mask, ready for `pycocotools.mask.encode`.
+    """
     if list(rle.get("size", [])) != list(size):
         raise BadSample(f"RLE size {rle.get('size')} does not match the image size {list(size)}")
     try:
@@ -198,9 +203,19 @@ def _resize_mask(rle: dict[str, Any], size: tuple[int, int], new_size: tuple[int
     except (TypeError, ValueError) as error:
         raise BadSample(f"undecodable RLE: {error}") from None
     if mask.shape == new_size:
-        return mask.astype(bool)
-    resized = Image.fromarray(mask * np.uint8(255)).resize(new_size[::-1], Image.BILINEAR)
-    return np.asarray(resized) >= 128
+        return np.asfortranarray(mask)
+    out = np.zeros(new_size, dtype=np.uint8, order="F")
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return out
+    sy, sx = new_size[0] / size[0], new_size[1] / size[1]
+    # The output window around the mask (2 px margin), and the source box it samples.
+    x0, x1 = max(0, math.floor(cols[0] * sx) - 2), min(new_size[1], math.ceil((cols[-1] + 1) * sx) + 2)
+    y0, y1 = max(0, math.floor(rows[0] * sy) - 2), min(new_size[0], math.ceil((rows[-1] + 1) * sy) + 2)
+    window = Image.fromarray(mask * np.uint8(255)).resize(
+        (x1 - x0, y1 - y0), Image.BILINEAR, box=(x0 / sx, y0 / sy, x1 / sx, y1 / sy))
+    out[y0:y1, x0:x1] = np.asarray(window) >= 128
+    return out
 
 
 def _scale(values: list[float], sx: float, sy: float) -> list[float]:
@@ -227,7 +242,7 @@ def convert(pair: Pair, target_size: int, jpeg_quality: int) -> tuple[dict[str, 
     for ann in record["annotations"]:
         try:
             mask = _resize_mask(ann["segmentation"], (height, width), (new_h, new_w))
-            rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+            rle = mask_utils.encode(mask)
             area = int(mask_utils.area(rle))
             if area == 0:
                 dropped += 1
