@@ -27,7 +27,6 @@ from edgesam.distill import prompt_in_the_loop_loss
 from edgesam.models.edgesam import load_edgesam, save_edgesam
 from edgesam.prompts import Prompts, choose_prompt_kind, gt_boxes, gt_points, sample_annotations
 from edgesam.train import fit
-from pipelines.teacher import load_teacher_artifact
 from pipelines.encoder_kd import (
     STUDENT_FILE,
     embed_inputs,
@@ -37,6 +36,7 @@ from pipelines.encoder_kd import (
     loader,
     loss_summary,
 )
+from pipelines.teacher import load_teacher_artifact
 
 STAGE = "prompt_kd"
 UPSTREAM = ("embed", "teacher", "encoder_kd")
@@ -74,6 +74,8 @@ def prompt_example(sample: Sample, img_size: int, max_prompts: int, seed: int, e
 def collate_prompts(examples: list[dict[str, Any] | None]) -> dict[str, Any]:
     """Stack tensors; keep the per-image prompt dicts as a list."""
     examples = [e for e in examples if e is not None]
+    if not examples:
+        raise ValueError("a prompt_kd batch has no image with annotations")
     batch = {k: torch.stack([e[k] for e in examples]) for k in ("image", "teacher_emb", "valid")}
     batch["prompts"] = [e["prompts"] for e in examples]
     return batch
