@@ -92,6 +92,7 @@ class TeacherConfig(_Config):
     train: TrainConfig = Field(default_factory=TrainConfig)
     max_prompts: int = 16
     corrective_clicks: int = 2
+    loss_stride: int = 2  # mask losses on a grid of img_size / loss_stride (SAM: 1)
     focal_weight: float = 20.0
     dice_weight: float = 1.0
     iou_weight: float = 1.0
