@@ -1,0 +1,74 @@
+"""Teacher stage: the reference teacher trains (loss falls) and is evaluated; SAM checkpoints
+are verified with clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgesam.artifacts import Artifact, ArtifactStore
+from edgesam.config import RuntimeConfig, TeacherConfig, TrainConfig, load_profile
+from edgesam.models.teacher import TeacherCheckpointError, build_tiny_sam, load_tiny_sam
+from pipelines import teacher
+from pipelines.stage import run_dag
+
+LOCAL = RuntimeConfig(num_workers=0)  # Ray Train's in-process mode: same loop, no cluster start
+
+
+@pytest.fixture(scope="module")
+def shard_artifact(tmp_path_factory) -> Artifact:
+    root = tmp_path_factory.mktemp("runs")
+    cfg = load_profile("smoke", {
+        "runtime": {"work_dir": str(root)},
+        "data": {"num_train": 4, "num_val": 2, "images_per_tar": 4},
+        "shard": {"max_count": 4, "workers": 1},
+    })
+    return run_dag(cfg, ArtifactStore(root), stages=["data", "shard"])["shard"][0]
+
+
+def tiny_teacher_config(**train) -> TeacherConfig:
+    return TeacherConfig(
+        embed_dim=32, depth=1, num_heads=2, max_prompts=4, corrective_clicks=1,
+        train=TrainConfig(**{"epochs": 100, "max_steps": 16, "batch_size": 2, "lr": 2e-3, "warmup_steps": 2,
+                             "checkpoint_every": 8, "log_every": 2, **train}),
+    )
+
+
+def test_reference_teacher_trains_loss_falls_and_is_evaluated(shard_artifact, tmp_path):
+    out = tmp_path / "teacher"
+    out.mkdir()
+    manifest = teacher.run(tiny_teacher_config(), LOCAL, {"shard": shard_artifact}, out)
+    losses = [h["loss"] for h in manifest["train"]["history"]]
+    assert manifest["train"]["steps"] == 16 and len(losses) == 8
+    assert sum(losses[-2:]) / 2 < 0.7 * losses[0]
+    val = manifest["val"]
+    assert val["images"] == 2 and val["annotations"] > 0
+    for key in ("box_miou", "point_best_of_3_miou", "point_score_selected_miou"):
+        assert 0.0 <= val[key] <= 1.0
+    assert val["point_best_of_3_miou"] >= val["point_score_selected_miou"]
+    assert manifest["arch"] == {"img_size": 256, "embed_dim": 32, "depth": 1, "num_heads": 2}
+
+    artifact = Artifact("teacher", "fp", out)
+    artifact.commit(manifest)
+    sam, path = teacher.load_teacher_artifact(artifact)
+    reference = load_tiny_sam(out / "teacher.pt")
+    for (name, a), b in zip(sam.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    path.write_bytes(path.read_bytes()[:-10])  # damaged after the artifact was committed
+    with pytest.raises(TeacherCheckpointError, match="changed since"):
+        teacher.load_teacher_artifact(artifact)
+
+
+def test_sam_checkpoint_missing_or_wrong_is_a_clear_error(shard_artifact, tmp_path):
+    inputs = {"shard": shard_artifact}
+    with pytest.raises(TeacherCheckpointError, match="needs teacher.checkpoint"):
+        teacher.run(TeacherConfig(kind="vit_b"), LOCAL, inputs, tmp_path)
+    missing = tmp_path / "sam_vit_b.pth"
+    with pytest.raises(TeacherCheckpointError, match=f"not found: {missing}"):
+        teacher.run(TeacherConfig(kind="vit_b", checkpoint=missing), LOCAL, inputs, tmp_path)
+    missing.write_bytes(b"\x00garbage")
+    with pytest.raises(TeacherCheckpointError, match="corrupt"):
+        teacher.run(TeacherConfig(kind="vit_b", checkpoint=missing), LOCAL, inputs, tmp_path)
+    torch.save(build_tiny_sam(256, 32, 1, 2).state_dict(), missing)  # a valid file of another model
+    with pytest.raises(TeacherCheckpointError, match="is not a SAM vit_b checkpoint"):
+        teacher.run(TeacherConfig(kind="vit_b", checkpoint=missing), LOCAL, inputs, tmp_path)
