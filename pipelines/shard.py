@@ -1,8 +1,9 @@
 """Stage `shard`: SA-1B tars -> validated, resized WebDataset shards `train/` and `val/`.
 
-Each input unit (a tar, or a directory of extracted pairs) is converted by a worker into a
-part file under `out/.parts/`, streamed member by member, with a summary (counts, rejects)
-written after the part: a unit with a summary is done, so a rerun after a kill skips it.
+Each input unit (a tar, or a directory of extracted pairs) is converted by a worker
+(`edgesam.data.sa1b.convert_unit`, torch-free) into part files under `out/.parts/`,
+streamed member by member, with a summary (counts, rejects) written after the parts: a
+unit with a summary is done, so a rerun after a kill skips it.
 Units run in a process pool, or as Ray tasks when Ray is initialized or an address is
 configured (the parts directory must then be on storage the Ray workers share). The parts
 are then concatenated in input order into shards (`webdataset.ShardWriter`, fixed tar
@@ -13,24 +14,21 @@ count or interruptions.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import multiprocessing
 import os
 import shutil
-import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from tqdm import tqdm
 
-from edgesam.artifacts import Artifact, write_json_atomic
+from edgesam.artifacts import Artifact
 from edgesam.config import RuntimeConfig, ShardConfig
-from edgesam.data.sa1b import BadSample, Rejected, convert, find_sources, id_fraction, iter_pairs, make_selector
-from edgesam.data.shards import SPLITS, add_member, iter_raw, write_shards
+from edgesam.data.sa1b import SPLITS, ConvertTask, convert_unit, find_sources
+from edgesam.data.shards import iter_raw, write_shards
 
 STAGE = "shard"
 UPSTREAM = ("data",)
@@ -43,62 +41,7 @@ class RejectRatioError(RuntimeError):
     """Too many inputs were rejected: the input is probably not what it should be."""
 
 
-@dataclass(frozen=True)
-class UnitTask:
-    index: int
-    unit: Path
-    split: str | None  # None: split by image id with val_fraction
-    part_dir: Path
-    cfg: ShardConfig
-
-    @property
-    def summary_path(self) -> Path:
-        return self.part_dir / f"{self.index:06d}.json"
-
-    def part_path(self, split: str) -> Path:
-        return self.part_dir / f"{self.index:06d}.{split}.tar"
-
-
-def shard_unit(task: UnitTask) -> dict[str, Any]:
-    """Convert one input unit into per-split part tars; return (and store) its summary."""
-    if task.summary_path.is_file():
-        return json.loads(task.summary_path.read_text())
-    start = time.perf_counter()
-    select = make_selector(task.cfg.subset_fraction, task.cfg.subset_ids_file)
-    parts: dict[str, tuple[tarfile.TarFile, Path]] = {}
-    samples = {split: 0 for split in SPLITS}
-    rejected: list[dict[str, str]] = []
-    dropped = 0
-    for item in iter_pairs(task.unit, select):
-        if isinstance(item, Rejected):
-            rejected.append(asdict(item))
-            continue
-        try:
-            sample, lost = convert(item, task.cfg.target_size, task.cfg.jpeg_quality)
-        except BadSample as error:
-            rejected.append(asdict(Rejected(item.source, item.key, str(error))))
-            continue
-        split = task.split or ("val" if id_fraction(item.key, "val") < task.cfg.val_fraction else "train")
-        if split not in parts:
-            tmp = task.part_path(split).with_suffix(f".tmp-{os.getpid()}")
-            parts[split] = (tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT), tmp)
-        tar = parts[split][0]
-        add_member(tar, f"{item.key}.jpg", sample["jpg"])
-        add_member(tar, f"{item.key}.json", sample["json"])
-        samples[split] += 1
-        dropped += lost
-    for split, (tar, tmp) in parts.items():
-        tar.close()
-        os.replace(tmp, task.part_path(split))
-    summary = {
-        "index": task.index, "unit": str(task.unit), "samples": samples, "rejected": rejected,
-        "dropped_masks": dropped, "seconds": round(time.perf_counter() - start, 3),
-    }
-    write_json_atomic(task.summary_path, summary)
-    return summary
-
-
-def _map_ordered(fn: Callable[[UnitTask], dict], tasks: list[UnitTask], workers: int,
+def _map_ordered(fn: Callable[[ConvertTask], dict], tasks: list[ConvertTask], workers: int,
                  runtime: RuntimeConfig) -> Iterator[dict]:
     """fn over tasks in input order: inline, in a process pool, or as Ray tasks."""
     if workers <= 1 or len(tasks) <= 1:
@@ -123,9 +66,13 @@ def _map_ordered(fn: Callable[[UnitTask], dict], tasks: list[UnitTask], workers:
         yield from pool.map(fn, tasks)
 
 
-def _tasks(sa1b_dir: Path, cfg: ShardConfig, part_dir: Path) -> list[UnitTask]:
+def _tasks(sa1b_dir: Path, cfg: ShardConfig, part_dir: Path) -> list[ConvertTask]:
     units = [(split, unit) for split, found in find_sources(sa1b_dir).items() for unit in found]
-    return [UnitTask(i, unit, split, part_dir, cfg) for i, (split, unit) in enumerate(units)]
+    return [
+        ConvertTask(i, unit, split, part_dir, cfg.target_size, cfg.jpeg_quality, cfg.subset_fraction,
+                    cfg.subset_ids_file, cfg.val_fraction)
+        for i, (split, unit) in enumerate(units)
+    ]
 
 
 def _check_rejects(summaries: list[dict], cfg: ShardConfig) -> tuple[int, list[dict]]:
@@ -161,7 +108,7 @@ def run(cfg: ShardConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact], o
     start = time.perf_counter()
     summaries: list[dict] = []
     with tqdm(total=len(tasks), desc="shard", unit="tar") as progress:
-        for summary in _map_ordered(shard_unit, tasks, cfg.workers, runtime):
+        for summary in _map_ordered(convert_unit, tasks, cfg.workers, runtime):
             summaries.append(summary)
             images = sum(sum(s["samples"].values()) for s in summaries)
             progress.set_postfix(img_s=f"{images / (time.perf_counter() - start):.1f}")

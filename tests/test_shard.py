@@ -232,3 +232,13 @@ def test_kill_and_rerun_gives_the_same_shards(bench, tmp_path):
     assert not list(out.glob("*/shard-*.tar")), "an interrupted run must leave no complete-looking shard"
     resumed, _ = _run(tmp_path, bench, "killed", target_size=1024, max_count=5)
     assert resumed["splits"] == reference["splits"]
+
+
+def test_resize_rounding_matches_segment_anything():
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    from edgesam.data.sa1b import longest_side_shape
+
+    for h, w in [(1500, 2250), (2250, 1500), (333, 500), (640, 384), (257, 255), (1024, 1024)]:
+        for size in (1024, 256, 64):
+            assert longest_side_shape(h, w, size) == ResizeLongestSide.get_preprocess_shape(h, w, size)

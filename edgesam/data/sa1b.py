@@ -5,6 +5,9 @@ Real SA-1B and the embedded benchmark share the layout: `sa_NNNNNN.tar` files ho
 memory does not depend on its size. Every bad input (unsafe member path, truncated tar,
 image without JSON, malformed JSON, corrupt JPEG, RLE of the wrong size) becomes a
 `Rejected` record with its reason instead of an exception.
+
+This module does not import torch: `convert_unit` runs in pool / Ray worker processes,
+which then start fast and small.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 import tarfile
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
@@ -23,9 +28,10 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from edgesam.data.transforms import resized_shape
+from edgesam.artifacts import write_json_atomic
 
 PAIR = ("jpg", "json")
+SPLITS = ("train", "val")
 _KEY_ID = re.compile(r"^sa_(\d+)$")
 
 
@@ -46,6 +52,19 @@ class Pair:
 
 class BadSample(ValueError):
     """A sample that cannot be used; the message is the reason recorded in the manifest."""
+
+
+def longest_side_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """SAM's `ResizeLongestSide.get_preprocess_shape` (same rounding), without torch."""
+    scale = size * 1.0 / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    """Add a file to a tar with fixed metadata (mtime 0, root owner), for reproducible bytes."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(payload), 0, 0o644
+    tar.addfile(info, io.BytesIO(payload))
 
 
 def find_sources(root: str | Path, split_dirs: tuple[str, ...] = ("train", "val")) -> dict[str | None, list[Path]]:
@@ -236,7 +255,7 @@ def convert(pair: Pair, target_size: int, jpeg_quality: int) -> tuple[dict[str, 
     width, height = image.size
     if (int(info["width"]), int(info["height"])) != (width, height):
         raise BadSample(f"image is {width}x{height} but its JSON says {info['width']}x{info['height']}")
-    new_h, new_w = resized_shape(height, width, target_size)
+    new_h, new_w = longest_side_shape(height, width, target_size)
     sx, sy = new_w / width, new_h / height
     annotations, dropped = [], 0
     for ann in record["annotations"]:
@@ -264,3 +283,68 @@ def convert(pair: Pair, target_size: int, jpeg_quality: int) -> tuple[dict[str, 
     meta = {**info, "width": new_w, "height": new_h, "original_width": width, "original_height": height}
     body = json.dumps({"image": meta, "annotations": annotations}, separators=(",", ":")).encode()
     return {"__key__": pair.key, "jpg": buffer.getvalue(), "json": body}, dropped
+
+
+@dataclass(frozen=True)
+class ConvertTask:
+    """One input unit to convert into per-split part tars under `part_dir`."""
+
+    index: int
+    unit: Path
+    split: str | None  # None: split by image id with val_fraction
+    part_dir: Path
+    target_size: int
+    jpeg_quality: int = 95
+    subset_fraction: float | None = None
+    subset_ids_file: Path | None = None
+    val_fraction: float = 0.0
+
+    @property
+    def summary_path(self) -> Path:
+        return self.part_dir / f"{self.index:06d}.json"
+
+    def part_path(self, split: str) -> Path:
+        return self.part_dir / f"{self.index:06d}.{split}.tar"
+
+
+def convert_unit(task: ConvertTask) -> dict[str, Any]:
+    """Convert one unit into part tars (atomically), then write and return its summary.
+
+    A unit whose summary exists is done: its summary is returned without work, so a rerun
+    after an interruption only converts the remaining units.
+    """
+    if task.summary_path.is_file():
+        return json.loads(task.summary_path.read_text())
+    start = time.perf_counter()
+    select = make_selector(task.subset_fraction, task.subset_ids_file)
+    parts: dict[str, tuple[tarfile.TarFile, Path]] = {}
+    samples = {split: 0 for split in SPLITS}
+    rejected: list[dict[str, str]] = []
+    dropped = 0
+    for item in iter_pairs(task.unit, select):
+        if isinstance(item, Rejected):
+            rejected.append(asdict(item))
+            continue
+        try:
+            sample, lost = convert(item, task.target_size, task.jpeg_quality)
+        except BadSample as error:
+            rejected.append(asdict(Rejected(item.source, item.key, str(error))))
+            continue
+        split = task.split or ("val" if id_fraction(item.key, "val") < task.val_fraction else "train")
+        if split not in parts:
+            tmp = task.part_path(split).with_name(f".{task.part_path(split).name}.tmp-{os.getpid()}")
+            parts[split] = (tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT), tmp)
+        tar = parts[split][0]
+        add_member(tar, f"{item.key}.jpg", sample["jpg"])
+        add_member(tar, f"{item.key}.json", sample["json"])
+        samples[split] += 1
+        dropped += lost
+    for split, (tar, tmp) in parts.items():
+        tar.close()
+        os.replace(tmp, task.part_path(split))
+    summary = {
+        "index": task.index, "unit": str(task.unit), "samples": samples, "rejected": rejected,
+        "dropped_masks": dropped, "seconds": round(time.perf_counter() - start, 3),
+    }
+    write_json_atomic(task.summary_path, summary)
+    return summary

@@ -73,13 +73,6 @@ def list_shards(artifact_dir: str | Path, split: str) -> list[Path]:
     return sorted(directory.glob("shard-*.tar"))
 
 
-def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    """Add a file to a tar with fixed metadata (mtime 0, root owner), for reproducible bytes."""
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(payload), 0, 0o644
-    tar.addfile(info, io.BytesIO(payload))
-
-
 @dataclass(frozen=True)
 class ShardInfo:
     path: Path

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from edgesam.config import DataConfig
 from edgesam.data.shapes import CATEGORIES, TEMPLATES, Template, texture_fill
-from edgesam.data.shards import add_member
+from edgesam.data.sa1b import add_member
 
 log = logging.getLogger(__name__)
 
