@@ -24,8 +24,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from edgesam.artifacts import sha256_file
+from edgesam.data.sa1b import SPLITS
 
-SPLITS = ("train", "val")
 
 
 @dataclass
