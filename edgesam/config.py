@@ -101,6 +101,7 @@ class TeacherConfig(_Config):
 class EmbedConfig(_Config):
     batch_size: int = 8
     concurrency: int = 1  # actors in the pool
+    cpus_per_actor: int = 1  # Ray CPUs (and torch threads) of each CPU actor
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # autocast on GPU only
 
 
@@ -108,6 +109,7 @@ class EncoderKDConfig(_Config):
     backbone: str = "repvit_m1"  # any timm model name with features_only support
     upsample_mode: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval_images: int | None = None  # val images of the mIoU report (None: all)
 
 
 class PromptKDConfig(_Config):
@@ -125,6 +127,7 @@ class PromptKDConfig(_Config):
     target: Literal["binary", "logits"] = "binary"
     dice_weight: float = 5.0
     bce_weight: float = 5.0
+    eval_images: int | None = None  # val images of the mIoU report (None: all)
 
 
 class RPNConfig(_Config):
