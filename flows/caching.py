@@ -37,7 +37,8 @@ def cache_key(stage: str, fingerprint: str, artifact_path: str) -> str:
 class ManifestCache(CachePolicy):
     """Key = the stage fingerprint, defined only while the artifact's manifest is committed.
 
-    Reads the task inputs `name`, `cfg` (the `PipelineConfig`), `fingerprint` and `force`.
+    Reads the task inputs `name`, `cfg` (the `PipelineConfig`), `planned` (its `PlannedStage`)
+    and `force`.
     """
 
     def compute_key(
@@ -45,7 +46,7 @@ class ManifestCache(CachePolicy):
     ) -> str | None:
         if inputs.get("force"):
             return None
-        artifact = ArtifactStore(inputs["cfg"].runtime.work_dir).artifact(inputs["name"], inputs["fingerprint"])
+        artifact = ArtifactStore(inputs["cfg"].runtime.work_dir).artifact(inputs["name"], inputs["planned"].fingerprint)
         if not artifact.complete:
             return None
         return cache_key(artifact.stage, artifact.fingerprint, str(artifact.path))

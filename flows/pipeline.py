@@ -18,7 +18,7 @@ from edgesam.config import STAGES, PipelineConfig, RuntimeConfig
 from edgesam.train.cluster import connect_ray
 from flows.caching import ManifestCache, retry_on_transient_io
 from flows.params import Profile, StageName, TeacherKind, pipeline_config
-from pipelines.stage import MissingUpstreamError, downstream_closure, plan, run_stage
+from pipelines.stage import MissingUpstreamError, PlannedStage, downstream_closure, plan, run_stage
 
 STAGE_LOGGERS = ("edgesam", "pipelines")
 
@@ -32,11 +32,9 @@ STAGE_LOGGERS = ("edgesam", "pipelines")
     retry_delay_seconds=15,
     retry_condition_fn=retry_on_transient_io,
 )
-def stage_task(name: str, cfg: PipelineConfig, fingerprint: str, force: bool = False) -> Any:
+def stage_task(name: str, cfg: PipelineConfig, planned: PlannedStage, force: bool = False) -> Any:
     """Run stage `name` through `pipelines.stage.run_stage`; a committed artifact ends as "Cached"."""
-    artifact, cached = run_stage(name, cfg, ArtifactStore(cfg.runtime.work_dir), force=force)
-    if artifact.fingerprint != fingerprint:
-        raise RuntimeError(f"stage {name!r}: planned fingerprint {fingerprint} but ran {artifact.fingerprint}")
+    artifact, cached = run_stage(name, cfg, ArtifactStore(cfg.runtime.work_dir), force=force, planned=planned)
     result = {"stage": name, "fingerprint": artifact.fingerprint, "path": str(artifact.path)}
     if cached:
         get_run_logger().info("stage %s: cached, committed artifact %s", name, artifact.path)
@@ -75,9 +73,8 @@ def ray_connection(runtime: RuntimeConfig) -> Iterator[None]:
             ray.shutdown()
 
 
-def check_upstream(selected: list[str], cfg: PipelineConfig) -> None:
+def check_upstream(selected: list[str], cfg: PipelineConfig, planned: dict[str, PlannedStage]) -> None:
     """Fail before running anything when a selected stage's upstream is neither selected nor cached."""
-    planned = plan(cfg)
     store = ArtifactStore(cfg.runtime.work_dir)
     missing = [
         f"{name} needs {up} ({store.artifact(up, fp).path})"
@@ -152,8 +149,8 @@ def edgesam(
     )
     selected = [s for s in STAGES if stages is None or s in stages]
     forced = downstream_closure(force or ()) & set(selected)
-    check_upstream(selected, cfg)
-    planned = plan(cfg)
+    planned = plan(cfg)  # once: every stage of this run agrees on the fingerprints
+    check_upstream(selected, cfg, planned)
     logger.info("profile %s, artifacts under %s, stages %s%s", cfg.profile, cfg.runtime.work_dir,
                 ", ".join(selected), f", forced {', '.join(s for s in selected if s in forced)}" if forced else "")
     rows: list[dict[str, Any]] = []
@@ -161,7 +158,7 @@ def edgesam(
         for index, name in enumerate(selected, 1):
             logger.info("[%d/%d] %s", index, len(selected), name)
             start = time.perf_counter()
-            state = stage_task(name, cfg, planned[name].fingerprint, force=name in forced, return_state=True)
+            state = stage_task(name, cfg, planned[name], force=name in forced, return_state=True)
             result = state.result()  # raises the stage's own error when it failed
             status = "cached" if state.name == "Cached" else "done"
             rows.append({**result, "status": status, "seconds": time.perf_counter() - start})

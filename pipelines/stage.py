@@ -72,9 +72,16 @@ def downstream_closure(stages: Iterable[str]) -> set[str]:
     return closed
 
 
-def run_stage(name: str, cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False) -> tuple[Artifact, bool]:
-    """Run one stage (or take it from the cache). Returns (artifact, was_cached)."""
-    planned = plan(cfg)[name]
+def run_stage(
+    name: str, cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, planned: PlannedStage | None = None
+) -> tuple[Artifact, bool]:
+    """Run one stage (or take it from the cache). Returns (artifact, was_cached).
+
+    `planned` is the stage's entry of a `plan(cfg)` made at the start of a run (default: plan
+    now), so that every stage of one run agrees on the fingerprints even if source files
+    are edited while it runs.
+    """
+    planned = planned or plan(cfg)[name]
     artifact = store.artifact(name, planned.fingerprint)
     if artifact.complete and not force:
         log.info("stage %s: cached (%s)", name, artifact.path)
@@ -116,4 +123,5 @@ def run_dag(
     store = store or ArtifactStore(cfg.runtime.work_dir)
     selected = list(STAGES) if stages is None else [s for s in STAGES if s in set(stages)]
     forced = downstream_closure(force) & set(selected)
-    return {name: run_stage(name, cfg, store, force=name in forced) for name in selected}
+    planned = plan(cfg)
+    return {name: run_stage(name, cfg, store, force=name in forced, planned=planned[name]) for name in selected}
