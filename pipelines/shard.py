@@ -13,13 +13,12 @@ count or interruptions.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import multiprocessing
 import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -41,9 +40,9 @@ class RejectRatioError(RuntimeError):
     """Too many inputs were rejected: the input is probably not what it should be."""
 
 
-def _map_ordered(fn: Callable[[ConvertTask], dict], tasks: list[ConvertTask], workers: int,
-                 runtime: RuntimeConfig) -> Iterator[dict]:
-    """fn over tasks in input order: inline, in a process pool, or as Ray tasks."""
+def _map_unordered(fn: Callable[[ConvertTask], dict], tasks: list[ConvertTask], workers: int,
+                   runtime: RuntimeConfig) -> Iterator[dict]:
+    """fn over tasks, results as they complete: inline, in a process pool, or as Ray tasks."""
     if workers <= 1 or len(tasks) <= 1:
         yield from map(fn, tasks)
         return
@@ -54,16 +53,20 @@ def _map_ordered(fn: Callable[[ConvertTask], dict], tasks: list[ConvertTask], wo
 
         connect_ray(runtime)
         remote = ray.remote(num_cpus=1)(fn)
-        pending = [remote.remote(t) for t in tasks[:workers]]
-        queue = iter(tasks[workers:])
+        pending: list[Any] = []
+        for task in tasks:  # at most `workers` tasks in flight
+            if len(pending) >= workers:
+                done, pending = ray.wait(pending, num_returns=1)
+                yield ray.get(done[0])
+            pending.append(remote.remote(task))
         while pending:
-            done, pending = pending[0], pending[1:]  # in order; at most `workers` in flight
-            yield ray.get(done)
-            pending += [remote.remote(t) for t in itertools.islice(queue, 1)]
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
         return
     context = multiprocessing.get_context("spawn")  # no fork of a process holding threads
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        yield from pool.map(fn, tasks)
+        for future in as_completed([pool.submit(fn, task) for task in tasks]):
+            yield future.result()
 
 
 def _tasks(sa1b_dir: Path, cfg: ShardConfig, part_dir: Path) -> list[ConvertTask]:
@@ -86,8 +89,10 @@ def _check_rejects(summaries: list[dict], cfg: ShardConfig) -> tuple[int, list[d
             f"shard: {len(rejected)} of {total} inputs rejected ({ratio:.1%} > max_reject_ratio "
             f"{cfg.max_reject_ratio:.1%}); first reasons: {examples or 'no input selected'}"
         )
-    for r in rejected:
+    for r in rejected[:20]:
         log.warning("shard: rejected %s %s: %s", r["source"], r["key"], r["reason"])
+    if len(rejected) > 20:
+        log.warning("shard: ... and %d more rejects (all listed in the manifest)", len(rejected) - 20)
     return accepted, rejected
 
 
@@ -102,21 +107,23 @@ def run(cfg: ShardConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact], o
     part_dir = out / PARTS
     part_dir.mkdir(parents=True, exist_ok=True)
     tasks = _tasks(sa1b_dir, cfg, part_dir)
-    resumed = sum(t.summary_path.is_file() for t in tasks)
+    resumed = {t.index for t in tasks if t.summary_path.is_file()}
     log.info("shard: %d input units from %s (%d done earlier), target %d px, %d workers",
-             len(tasks), sa1b_dir, resumed, cfg.target_size, cfg.workers)
+             len(tasks), sa1b_dir, len(resumed), cfg.target_size, cfg.workers)
     start = time.perf_counter()
     summaries: list[dict] = []
+    converted = 0  # images converted by this run (not earlier attempts)
     with tqdm(total=len(tasks), desc="shard", unit="tar") as progress:
-        for summary in _map_ordered(convert_unit, tasks, cfg.workers, runtime):
+        for summary in _map_unordered(convert_unit, tasks, cfg.workers, runtime):
             summaries.append(summary)
-            images = sum(sum(s["samples"].values()) for s in summaries)
-            progress.set_postfix(img_s=f"{images / (time.perf_counter() - start):.1f}")
+            converted += 0 if summary["index"] in resumed else sum(summary["samples"].values())
+            progress.set_postfix(img_s=f"{converted / (time.perf_counter() - start):.1f}")
             progress.update(1)
+    summaries.sort(key=lambda s: s["index"])
     accepted, rejected = _check_rejects(summaries, cfg)
     elapsed = time.perf_counter() - start
-    log.info("shard: %d images converted in %.1fs (%.1f img/s), %d rejected",
-             accepted, elapsed, accepted / max(elapsed, 1e-9), len(rejected))
+    log.info("shard: %d images converted in %.1fs (%.1f img/s), %d accepted in all, %d rejected",
+             converted, elapsed, converted / max(elapsed, 1e-9), accepted, len(rejected))
     splits = {}
     for split in SPLITS:
         parts = [t.part_path(split) for t, s in zip(tasks, summaries) if s["samples"][split]]
@@ -133,7 +140,7 @@ def run(cfg: ShardConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact], o
         "rejected": rejected,
         "dropped_masks": sum(s["dropped_masks"] for s in summaries),
         "inputs": len(tasks),
-        "images_per_second": round(accepted / max(elapsed, 1e-9), 2),
+        "images_per_second": round(converted / max(elapsed, 1e-9), 2),
     }
 
 

@@ -98,6 +98,13 @@ def test_same_input_gives_byte_identical_shards_across_worker_counts(bench, tmp_
     one, _ = _run(tmp_path, bench, "one", max_count=5)
     two, _ = _run(tmp_path, bench, "two", max_count=5, workers=2)
     assert one["splits"] == two["splits"]
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024**2)  # as with RAY_ADDRESS
+    try:
+        on_ray, _ = _run(tmp_path, bench, "ray", max_count=5, workers=2)
+    finally:
+        ray.shutdown()
+    assert on_ray["splits"] == one["splits"]
 
 
 def _jpeg(size=(40, 30)) -> bytes:

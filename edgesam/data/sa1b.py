@@ -159,9 +159,11 @@ def _iter_tar(path: Path, select: Callable[[str], bool]) -> Iterator[Pair | Reje
     except (tarfile.TarError, EOFError, OSError) as error:
         yield Rejected(source, "", f"truncated or corrupt tar: {error}")
     for key, members in sorted(pending.items()):
-        missing = next(ext for ext in PAIR if ext not in members)
-        have = "image" if "jpg" in members else "JSON"
-        yield Rejected(source, key, f"{have} without its {'JSON' if missing == 'json' else 'image'}")
+        yield Rejected(source, key, _unpaired("jpg" in members))
+
+
+def _unpaired(has_image: bool) -> str:
+    return "image without its JSON" if has_image else "JSON without its image"
 
 
 def _ends_with_zero_block(path: Path, offset: int) -> bool:
@@ -177,10 +179,8 @@ def _iter_dir(directory: Path, select: Callable[[str], bool]) -> Iterator[Pair |
     keys = sorted({p.name.partition(".")[0] for p in directory.glob("sa_*.*") if p.suffix[1:] in PAIR})
     for key in filter(select, keys):
         files = {ext: directory / f"{key}.{ext}" for ext in PAIR}
-        missing = [ext for ext, f in files.items() if not f.is_file()]
-        if missing:
-            have = "JSON" if missing == ["jpg"] else "image"
-            yield Rejected(source, key, f"{have} without its {'image' if have == 'JSON' else 'JSON'}")
+        if not all(f.is_file() for f in files.values()):
+            yield Rejected(source, key, _unpaired(files["jpg"].is_file()))
             continue
         if any(root not in f.resolve().parents for f in files.values()):
             yield Rejected(source, key, "file path escapes the directory")
