@@ -129,11 +129,12 @@ def loss_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def evaluate_val(embed: Artifact, teacher: Sam, students: dict[str, Sam]) -> dict[str, Any]:
-    """Box/point mIoU on the embed artifact's val split, vs ground truth and vs the teacher."""
+def evaluate_val(embed: Artifact, teacher: Sam, students: dict[str, Sam], max_images: int | None) -> dict[str, Any]:
+    """Box/point mIoU on the embed artifact's val split (its first `max_images` images, all
+    when None), vs ground truth and vs the teacher."""
     shards = list_shards(embed.path, "val")
-    log.info("evaluating %s on %d val shard(s)", ", ".join(["teacher", *students]), len(shards))
-    return evaluate_prompts(shard_items(shards), teacher, students)
+    log.info("evaluating %s on %s val images", ", ".join(["teacher", *students]), max_images or "all")
+    return evaluate_prompts(shard_items(shards, max_images), teacher, students)
 
 
 def run(cfg: EncoderKDConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
@@ -145,7 +146,7 @@ def run(cfg: EncoderKDConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact
         str(teacher_checkpoint), runtime.seed,
     )
     summary = fit(task, cfg.train, runtime, out)
-    miou = evaluate_val(embed, teacher, {STAGE: load_edgesam(out / STUDENT_FILE)})
+    miou = evaluate_val(embed, teacher, {STAGE: load_edgesam(out / STUDENT_FILE)}, cfg.eval_images)
     log.info("val mIoU: %s", miou)
     return {
         "student": STUDENT_FILE,

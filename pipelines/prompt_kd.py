@@ -150,8 +150,13 @@ def run(cfg: PromptKDConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact]
     task = PromptKDTask(cfg, img_size, shards, samples, str(phase1.path / phase1_manifest["student"]),
                         inputs["teacher"].manifest["kind"], str(teacher_checkpoint), runtime.seed)
     summary = fit(task, cfg.train, runtime, out)
-    miou = evaluate_val(embed, teacher, {STAGE: load_edgesam(out / STUDENT_FILE)})
-    miou["encoder_kd"] = phase1_manifest["miou"]["encoder_kd"]
+    students = {STAGE: load_edgesam(out / STUDENT_FILE)}
+    same_images = phase1_manifest["config"]["eval_images"] == cfg.eval_images
+    if not same_images:  # phase 1 was measured on other images: measure it here too
+        students["encoder_kd"] = load_edgesam(phase1.path / phase1_manifest["student"])
+    miou = evaluate_val(embed, teacher, students, cfg.eval_images)
+    if same_images:
+        miou["encoder_kd"] = phase1_manifest["miou"]["encoder_kd"]
     log.info("val mIoU: %s", miou)
     return {
         "student": STUDENT_FILE,

@@ -180,18 +180,24 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(kd_inpu
     assert not (tmp_path / "student.pt").exists()
 
 
-def test_stages_write_students_and_report_miou(kd_inputs, tmp_path):
+def _upstream(kd_inputs, tmp_path) -> tuple[Artifact, Artifact]:
+    """Committed embed and teacher artifacts over the fixture's files."""
     embed = Artifact("embed", "e", kd_inputs)
     embed.commit({"img_size": IMG, "splits": {"train": {"samples": 6}, "val": {"samples": 2}}})
     teacher = Artifact("teacher", "t", tmp_path / "teacher")
     teacher.path.mkdir()
     teacher.commit({"kind": "synthetic", "checkpoint": str(kd_inputs / "teacher.pt"),
                     "sha256": sha256_file(kd_inputs / "teacher.pt")})
+    return embed, teacher
+
+
+def test_stages_write_students_and_report_miou(kd_inputs, tmp_path):
+    embed, teacher = _upstream(kd_inputs, tmp_path)
     train = SMOKE.encoder_kd.train.model_copy(update={"max_steps": 2, "batch_size": 2, "loader_workers": 0})
     cfg1 = EncoderKDConfig(backbone=BACKBONE, train=train)
     body1 = encoder_kd.run(cfg1, LOCAL, {"embed": embed, "teacher": teacher}, tmp_path / "p1")
     phase1 = Artifact("encoder_kd", "p1", tmp_path / "p1")
-    phase1.commit(body1)
+    phase1.commit({**body1, "config": cfg1.model_dump(mode="json")})
     cfg2 = SMOKE.prompt_kd.model_copy(update={"train": train})
     body2 = prompt_kd.run(cfg2, LOCAL, {"embed": embed, "teacher": teacher, "encoder_kd": phase1}, tmp_path / "p2")
     for body, out in ((body1, tmp_path / "p1"), (body2, tmp_path / "p2")):
@@ -203,3 +209,15 @@ def test_stages_write_students_and_report_miou(kd_inputs, tmp_path):
         assert entry["objects"] == 4
         assert all(0.0 <= entry[k] <= 1.0 for k in ("box_gt", "point_gt", "box_teacher", "point_teacher"))
     assert set(body2["miou"]["teacher"]) == {"box_gt", "point_gt", "objects"}
+
+
+def test_prompt_kd_measures_phase1_itself_when_evaluated_on_other_images(kd_inputs, tmp_path):
+    embed, teacher = _upstream(kd_inputs, tmp_path)
+    phase1 = Artifact("encoder_kd", "p1", tmp_path / "p1")
+    phase1.path.mkdir()
+    save_edgesam(load_edgesam(kd_inputs / "phase1.pt"), phase1.path / "student.pt")
+    phase1.commit({"student": "student.pt", "config": {"eval_images": None}, "miou": {"encoder_kd": "stale"}})
+    train = SMOKE.prompt_kd.train.model_copy(update={"max_steps": 1, "batch_size": 2, "loader_workers": 0})
+    cfg = SMOKE.prompt_kd.model_copy(update={"train": train, "eval_images": 1})
+    body = prompt_kd.run(cfg, LOCAL, {"embed": embed, "teacher": teacher, "encoder_kd": phase1}, tmp_path / "p2")
+    assert body["miou"]["encoder_kd"]["objects"] == body["miou"]["prompt_kd"]["objects"] == 2
