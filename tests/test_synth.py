@@ -98,3 +98,18 @@ def test_deterministic_from_seed(bench, tmp_path):
         out / "sa1b" / "train" / "sa_000000.tar")["sa_1.json"]  # an image does not depend on the split size
     other = write_benchmark(tmp_path / "c", small.model_copy(update={"seed": 1}))
     assert other["checksum"] != again["checksum"]
+
+
+def test_data_stage_references_user_paths(bench, tmp_path):
+    from edgesam.config import RuntimeConfig
+    from pipelines import data
+
+    out, manifest = bench
+    cfg = DataConfig(sa1b_path=out / "sa1b", coco_train=manifest["coco_train"], coco_images=out / "coco" / "images")
+    body = data.run(cfg, RuntimeConfig(), {}, tmp_path)
+    assert body["sa1b_dir"] == str(out / "sa1b") and body["coco_val"] is None and not body["synthetic"]
+    assert body["inputs"] == {"train": 2, "val": 1} and not list(tmp_path.iterdir())
+    with pytest.raises(FileNotFoundError, match="data.coco_val = .*nope.json: no such file"):
+        data.run(cfg.model_copy(update={"coco_val": tmp_path / "nope.json"}), RuntimeConfig(), {}, tmp_path)
+    with pytest.raises(FileNotFoundError, match="no sa_"):
+        data.run(DataConfig(sa1b_path=tmp_path), RuntimeConfig(), {}, tmp_path)
