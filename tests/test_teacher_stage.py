@@ -72,3 +72,21 @@ def test_sam_checkpoint_missing_or_wrong_is_a_clear_error(shard_artifact, tmp_pa
     torch.save(build_tiny_sam(256, 32, 1, 2).state_dict(), missing)  # a valid file of another model
     with pytest.raises(TeacherCheckpointError, match="is not a SAM vit_b checkpoint"):
         teacher.run(TeacherConfig(kind="vit_b", checkpoint=missing), LOCAL, inputs, tmp_path)
+
+
+def test_interior_points_and_corrective_clicks_sample_the_right_regions():
+    from edgesam.prompts import error_region_clicks, interior_points
+
+    target = torch.zeros(3, 16, 16, dtype=torch.bool)
+    target[:, 4:8, 4:8] = True
+    points, labels = interior_points(target)
+    xy = points[:, 0].long()
+    assert labels.tolist() == [[1]] * 3 and target[0, xy[:, 1], xy[:, 0]].all()
+    prediction = torch.zeros_like(target)
+    prediction[1] = target[1]
+    prediction[1, 10:12, 10:12] = True  # a false positive only
+    prediction[2] = target[2]  # exact
+    points, labels = error_region_clicks(target, prediction)
+    x, y = points[:, 0, 0].long(), points[:, 0, 1].long()
+    assert labels[:, 0].tolist() == [1, 0, -1]
+    assert target[0, y[0], x[0]] and 10 <= x[1] < 12 and 10 <= y[1] < 12
