@@ -221,3 +221,16 @@ def test_prompt_kd_measures_phase1_itself_when_evaluated_on_other_images(kd_inpu
     cfg = SMOKE.prompt_kd.model_copy(update={"train": train, "eval_images": 1})
     body = prompt_kd.run(cfg, LOCAL, {"embed": embed, "teacher": teacher, "encoder_kd": phase1}, tmp_path / "p2")
     assert body["miou"]["encoder_kd"]["objects"] == body["miou"]["prompt_kd"]["objects"] == 2
+
+
+def test_prompt_kd_freeze_switches(kd_inputs):
+    task = _prompt_task(kd_inputs)
+    model = task.build_model()
+    task.cfg = task.cfg.model_copy(update={"freeze_encoder": True})
+    trainable = {id(p) for p in task.parameters(model)}
+    assert trainable == {id(p) for p in model.student.mask_decoder.parameters()}
+    task.cfg = task.cfg.model_copy(update={"freeze_encoder": False, "freeze_decoder": True})
+    assert {id(p) for p in task.parameters(model)} == {id(p) for p in model.student.image_encoder.parameters()}
+    task.cfg = task.cfg.model_copy(update={"freeze_encoder": True})
+    with pytest.raises(ValueError, match="nothing to train"):
+        task.parameters(model)
