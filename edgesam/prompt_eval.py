@@ -24,13 +24,13 @@ PROMPT_KINDS = ("box", "point")
 
 
 @torch.no_grad()
-def prompted_masks(sam: Sam, item: EvalItem, point_outputs: int = 3) -> dict[str, torch.Tensor]:
-    """Bool (N, H, W) masks of every object of `item`, per prompt kind, on the image's frame."""
+def prompted_masks(sam: Sam, item: EvalItem, clicks: np.ndarray, point_outputs: int = 3) -> dict[str, torch.Tensor]:
+    """Bool (N, H, W) masks of every object of `item` prompted with its box and with its click
+    (`clicks` (N, 2) xy on the image's frame), per prompt kind, on the image's frame."""
     size, original = sam.image_encoder.img_size, item.image.shape[:2]
     x, hw = preprocess(item.image, size)
     embedding = sam.image_encoder(x[None].to(sam.device))
     boxes = torch.as_tensor(scale_boxes(item.boxes, original, size), dtype=torch.float32, device=sam.device)
-    clicks = np.array([center_point(m) for m in item.masks])
     points = torch.as_tensor(scale_coords(clicks, original, size), dtype=torch.float32, device=sam.device)[:, None]
     labels = torch.ones(points.shape[:2], dtype=torch.int64, device=sam.device)
     out = {}
@@ -58,9 +58,10 @@ def evaluate_prompts(
         if len(item.masks) == 0:
             continue
         gt = torch.as_tensor(item.masks)
-        teacher_masks = prompted_masks(teacher, item, point_outputs)
+        clicks = np.array([center_point(m) for m in item.masks])
+        teacher_masks = prompted_masks(teacher, item, clicks, point_outputs)
         for name, sam in models.items():
-            masks = teacher_masks if name == "teacher" else prompted_masks(sam, item, point_outputs)
+            masks = teacher_masks if name == "teacher" else prompted_masks(sam, item, clicks, point_outputs)
             for kind in PROMPT_KINDS:
                 ious[name].setdefault(f"{kind}_gt", []).append(mask_iou(masks[kind], gt))
                 if name != "teacher":
