@@ -28,7 +28,7 @@ def headline(metrics: dict[str, Any], export_manifest: dict[str, Any] | None = N
         f"{'model':<12} {'mIoU':>6} {'box':>6} {'point':>6} {'enc params':>10} {'enc GMACs':>9} "
         f"{'enc ms':>8} {'dec ms':>7}",
     ]
-    for name, value in head["miou"].items():
+    for name, value in sorted(head["miou"].items(), key=lambda item: item[0] != "teacher"):
         sa1b, s = metrics["miou"]["sa1b"][name], speed[name]
         lines.append(
             f"{name:<12} {value:6.3f} {sa1b['box']['all']:6.3f} {sa1b['point']['all']:6.3f} "

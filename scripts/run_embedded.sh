@@ -5,4 +5,5 @@
 set -euo pipefail
 . "$(dirname "$0")/setup_venv.sh"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
+export PREFECT_SERVER_ANALYTICS_ENABLED="${PREFECT_SERVER_ANALYTICS_ENABLED:-false}"
 exec python -m flows.run_local "$@"

@@ -121,9 +121,11 @@ class Stack:
         run_id = match.group(1)
         flow_run = self.client(lambda c: c.read_flow_run(run_id))
         tasks = self.client(lambda c: c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))))
+        seconds = flow_run.total_run_time.total_seconds()
+        print(f"\n{name} {params}: {wall:.1f}s wall, {seconds:.1f}s running")
         return {
             "rc": done.returncode, "output": output, "wall": wall, "flow_run": flow_run,
-            "tasks": {t.name: t.state.name for t in tasks}, "seconds": flow_run.total_run_time.total_seconds(),
+            "tasks": {t.name: t.state.name for t in tasks}, "seconds": seconds,
         }
 
 
@@ -175,7 +177,6 @@ def test_full_run_commits_every_stage(first_run, work_dir):
     assert first_run["tasks"] == {name: "Completed" for name in STAGES}
     for name in STAGES:
         assert len(committed(work_dir, name)) == 1, name
-    print(f"first smoke run: {first_run['seconds']:.1f}s in the flow, {first_run['wall']:.1f}s wall")
 
 
 def test_second_run_is_cached_and_fast(stack, first_run, work_dir):
@@ -187,7 +188,6 @@ def test_second_run_is_cached_and_fast(stack, first_run, work_dir):
     assert all(f"{name}: cached" in logs for name in STAGES), logs
     assert {name: committed(work_dir, name) for name in STAGES} == before
     assert second["seconds"] < 0.2 * first_run["seconds"], (second["seconds"], first_run["seconds"])
-    print(f"cached smoke run: {second['seconds']:.1f}s in the flow, {second['wall']:.1f}s wall")
 
 
 def test_force_evaluate_recomputes_only_evaluate_and_export(stack, first_run, work_dir):
