@@ -7,7 +7,8 @@ benchmark is generated first. Reported, per target size:
 
 * stage images/s at each worker count: wall time of the whole `pipelines.shard.run`
   (validation, image and mask resizing, RLE, part files, final shards; process-pool
-  start-up included);
+  start-up included), and CPU ms per image (user + system time of the process and its
+  workers), which stays meaningful on a machine shared with other jobs;
 * plain images/s: a single-process loop doing only the image work with PIL (stream the
   tar, decode, resize the longest side, JPEG-encode), and the ratio stage / plain;
 * peak memory (max RSS of a fresh process running the stage with 1 worker) on 1 tar and
@@ -57,9 +58,15 @@ def data_artifact(root: Path, sa1b_dir: Path):
     return artifact
 
 
-def plain_loop(sa1b_dir: Path, size: int, quality: int) -> tuple[int, float]:
-    """Decode-resize-encode every image with PIL in one process: (images, seconds)."""
-    start, count = time.perf_counter(), 0
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def plain_loop(sa1b_dir: Path, size: int, quality: int) -> tuple[int, float, float]:
+    """Decode-resize-encode every image with PIL in one process: (images, seconds, CPU seconds)."""
+    start, cpu, count = time.perf_counter(), cpu_seconds(), 0
     for path in sorted(sa1b_dir.rglob("sa_*.tar")):
         with tarfile.open(path, "r|") as tar:
             for member in tar:
@@ -71,20 +78,20 @@ def plain_loop(sa1b_dir: Path, size: int, quality: int) -> tuple[int, float]:
                     resized = img.resize((int(img.width * scale + 0.5), int(img.height * scale + 0.5)), Image.BILINEAR)
                     resized.save(io.BytesIO(), format="JPEG", quality=quality)
                 count += 1
-    return count, time.perf_counter() - start
+    return count, time.perf_counter() - start, cpu_seconds() - cpu
 
 
-def stage_run(work: Path, sa1b_dir: Path, size: int, workers: int) -> tuple[int, float]:
+def stage_run(work: Path, sa1b_dir: Path, size: int, workers: int) -> tuple[int, float, float]:
     from edgesam.config import RuntimeConfig, ShardConfig
     from pipelines import shard
 
     out = work / f"shard-{size}-{workers}"
     out.mkdir(parents=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     body = shard.run(ShardConfig(target_size=size, workers=workers), RuntimeConfig(), {"data": data_artifact(work, sa1b_dir)}, out)
-    elapsed = time.perf_counter() - start
+    elapsed, used = time.perf_counter() - start, cpu_seconds() - cpu
     shutil.rmtree(out)
-    return sum(s["samples"] for s in body["splits"].values()), elapsed
+    return sum(s["samples"] for s in body["splits"].values()), elapsed, used
 
 
 def peak_memory_mb(work: Path, sa1b_dir: Path, tars: int, size: int) -> int:
@@ -121,21 +128,26 @@ def main() -> None:
             sa1b_dir = args.data.resolve()
         rows: list[dict[str, Any]] = []
         for size in args.sizes:
-            images, seconds = plain_loop(sa1b_dir, size, quality=95)
+            images, seconds, cpu = plain_loop(sa1b_dir, size, quality=95)
             plain = images / seconds
-            row: dict[str, Any] = {"target_size": size, "images": images, "plain_images_per_s": round(plain, 2)}
+            row: dict[str, Any] = {"target_size": size, "images": images, "plain_images_per_s": round(plain, 2),
+                                   "plain_cpu_ms_per_image": round(1000 * cpu / images, 1)}
             for workers in args.workers:
-                count, elapsed = stage_run(work, sa1b_dir, size, workers)
+                count, elapsed, used = stage_run(work, sa1b_dir, size, workers)
                 row[f"stage_images_per_s_w{workers}"] = round(count / elapsed, 2)
                 row[f"ratio_w{workers}"] = round(count / elapsed / plain, 3)
+                row[f"stage_cpu_ms_per_image_w{workers}"] = round(1000 * used / count, 1)
             rows.append(row)
         memory = {f"{n}_tars": peak_memory_mb(work, sa1b_dir, n, max(args.sizes)) for n in (1, 8)}
 
-    header = ["target", "images", "plain img/s"] + [f"stage w={w} img/s (ratio)" for w in args.workers]
+    header = ["target", "images", "plain img/s (cpu ms/img)"]
+    header += [f"stage w={w} img/s (ratio, cpu ms/img)" for w in args.workers]
     print(" | ".join(header))
     for row in rows:
-        cells = [str(row["target_size"]), str(row["images"]), f"{row['plain_images_per_s']:.1f}"]
-        cells += [f"{row[f'stage_images_per_s_w{w}']:.1f} ({row[f'ratio_w{w}']:.2f})" for w in args.workers]
+        cells = [str(row["target_size"]), str(row["images"]),
+                 f"{row['plain_images_per_s']:.1f} ({row['plain_cpu_ms_per_image']:.1f})"]
+        cells += [f"{row[f'stage_images_per_s_w{w}']:.1f} ({row[f'ratio_w{w}']:.2f}, "
+                  f"{row[f'stage_cpu_ms_per_image_w{w}']:.1f})" for w in args.workers]
         print(" | ".join(cells))
     print(f"peak RSS at target {max(args.sizes)}: 1 tar {memory['1_tars']} MiB, 8 tars {memory['8_tars']} MiB")
     result = {

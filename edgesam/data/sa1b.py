@@ -219,21 +219,25 @@ def _resize_mask(rle: dict[str, Any], size: tuple[int, int], new_size: tuple[int
         raise BadSample(f"RLE size {rle.get('size')} does not match the image size {list(size)}")
     try:
         mask = mask_utils.decode(rle)
+        x, y, w, h = mask_utils.toBbox(rle)
     except (TypeError, ValueError) as error:
         raise BadSample(f"undecodable RLE: {error}") from None
     if mask.shape == new_size:
         return np.asfortranarray(mask)
     out = np.zeros(new_size, dtype=np.uint8, order="F")
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if not len(rows):
+    if w == 0 or h == 0:
         return out
     sy, sx = new_size[0] / size[0], new_size[1] / size[1]
-    # The output window around the mask (2 px margin), and the source box it samples.
-    x0, x1 = max(0, math.floor(cols[0] * sx) - 2), min(new_size[1], math.ceil((cols[-1] + 1) * sx) + 2)
-    y0, y1 = max(0, math.floor(rows[0] * sy) - 2), min(new_size[0], math.ceil((rows[-1] + 1) * sy) + 2)
-    window = Image.fromarray(mask * np.uint8(255)).resize(
-        (x1 - x0, y1 - y0), Image.BILINEAR, box=(x0 / sx, y0 / sy, x1 / sx, y1 / sy))
-    out[y0:y1, x0:x1] = np.asarray(window) >= 128
+    # The output window around the mask (2 px margin) ...
+    x0, x1 = max(0, math.floor(x * sx) - 2), min(new_size[1], math.ceil((x + w) * sx) + 2)
+    y0, y1 = max(0, math.floor(y * sy) - 2), min(new_size[0], math.ceil((y + h) * sy) + 2)
+    # ... and the source crop it reads, with the bilinear filter's support as margin.
+    mx, my = math.ceil(max(1.0, 1 / sx)) + 1, math.ceil(max(1.0, 1 / sy)) + 1
+    cx0, cx1 = max(0, math.floor(x0 / sx) - mx), min(size[1], math.ceil(x1 / sx) + mx)
+    cy0, cy1 = max(0, math.floor(y0 / sy) - my), min(size[0], math.ceil(y1 / sy) + my)
+    crop = Image.fromarray(np.ascontiguousarray(mask[cy0:cy1, cx0:cx1]) * np.uint8(255))
+    box = (x0 / sx - cx0, y0 / sy - cy0, x1 / sx - cx0, y1 / sy - cy0)
+    out[y0:y1, x0:x1] = np.asarray(crop.resize((x1 - x0, y1 - y0), Image.BILINEAR, box=box)) >= 128
     return out
 
 
