@@ -99,7 +99,9 @@ def summary_markdown(cfg: PipelineConfig, rows: list[dict[str, Any]]) -> str:
         "| stage | status | seconds | fingerprint | artifact |",
         "|---|---|---:|---|---|",
     ]
-    lines += [f"| {r['stage']} | {r['status']} | {r['seconds']:.1f} | `{r['fingerprint']}` | `{r['path']}` |" for r in rows]
+    lines += [
+        f"| {r['stage']} | {r['status']} | {r['seconds']:.1f} | `{r['fingerprint']}` | `{r['path']}` |" for r in rows
+    ]
     return "\n".join(lines)
 
 

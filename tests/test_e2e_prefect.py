@@ -120,7 +120,8 @@ class Stack:
         assert match, output
         run_id = match.group(1)
         flow_run = self.client(lambda c: c.read_flow_run(run_id))
-        tasks = self.client(lambda c: c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))))
+        runs_of_flow = FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+        tasks = self.client(lambda c: c.read_task_runs(flow_run_filter=runs_of_flow))
         seconds = flow_run.total_run_time.total_seconds()
         print(f"\n{name} {params}: {wall:.1f}s wall, {seconds:.1f}s running")
         return {
