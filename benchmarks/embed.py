@@ -37,23 +37,35 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE_SCRIPT = textwrap.dedent("""
-    import json, sys, threading, time
-    import psutil
+    import json, os, sys, threading, time
     from pathlib import Path
     from edgesam.artifacts import Artifact
     from edgesam.config import EmbedConfig, RuntimeConfig
     from pipelines import embed
     shard, teacher, out, batch, threads, warmup = sys.argv[1:7]
-    me, peak, running = psutil.Process(), [0], [True]
+    peak, running = [0], [True]
+    def tree_rss():  # RSS of this process and all its descendants (Ray's processes), from /proc
+        parent, rss = {}, {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text().splitlines()
+            except OSError:
+                continue
+            fields = dict(line.split(":", 1) for line in status if ":" in line)
+            parent[int(pid)] = int(fields["PPid"])
+            rss[int(pid)] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
+        tree, total = {os.getpid()}, 0
+        for pid in sorted(parent):
+            chain, p = [], pid
+            while p in parent and p not in tree and p > 1:
+                chain.append(p)
+                p = parent[p]
+            if p in tree:
+                tree.update(chain)
+        return sum(rss.get(p, 0) for p in tree)
     def sample():
         while running[0]:
-            total = 0
-            for p in [me] + me.children(recursive=True):
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            peak[0] = max(peak[0], total)
+            peak[0] = max(peak[0], tree_rss())
             time.sleep(0.1)
     threading.Thread(target=sample, daemon=True).start()
     cfg = EmbedConfig(batch_size=int(batch), cpus_per_actor=int(threads))
