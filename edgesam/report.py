@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -72,6 +73,8 @@ def plot_speed_vs_miou(speed: dict[str, dict[str, float]], miou: dict[str, dict[
     ax.set_xlabel("encoder latency on this machine (ms, PyTorch eager)")
     ax.set_ylabel(label)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.grid(alpha=0.3)
     _save(fig, path)
 
