@@ -51,8 +51,8 @@ class LinearTask:
         self.calls += 1
         if self.crash_at == self.calls:
             raise Crash(f"killed at call {self.calls}")
-        noise = 1e-3 * torch.randn(())  # consumes the RNG: resume must restore it
-        loss = ((model(batch["x"]) - batch["y"]) ** 2).mean() + noise * 0
+        noisy = batch["y"] + 0.01 * torch.randn_like(batch["y"])  # resume must restore the RNG
+        loss = ((model(batch["x"]) - noisy) ** 2).mean()
         if self.nan_at is not None and self.calls >= self.nan_at:
             loss = loss * float("nan")
         return loss, {"mse": float(loss.detach())}
