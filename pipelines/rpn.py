@@ -165,7 +165,12 @@ def run(cfg: RPNConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact], out
     data, prompt_kd = inputs["data"].manifest, inputs["prompt_kd"]
     student = str(prompt_kd.path / prompt_kd.manifest["student"])
     img_size = int(prompt_kd.manifest["img_size"])
-    coco_train, coco_val, images = data["coco_train"], data["coco_val"], data["coco_images"]
+    coco_train, coco_val, images = data.get("coco_train"), data.get("coco_val"), data.get("coco_images")
+    if not (coco_train and coco_val and images):
+        raise ValueError(
+            f"the rpn stage trains on COCO-format boxes, but the data artifact {inputs['data'].path} has none: "
+            "set data.coco_train, data.coco_val and data.coco_images (instances JSONs and their image directory)"
+        )
     samples = len(COCO(coco_train).getImgIds())
     log.info("training the RPN on %d images of %s (student %s, %d px)", samples, coco_train, student, img_size)
     task = RPNTask(cfg, student, coco_train, images, img_size, samples, runtime.seed)

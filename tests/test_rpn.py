@@ -117,3 +117,18 @@ def test_feature_cache_skips_the_frozen_encoder(student_256):
         torch.testing.assert_close(a, b)
     model.features(images, torch.tensor([5, 10]))  # one unseen image: the encoder runs again
     assert len(calls) == 2
+
+
+def test_rpn_stage_without_coco_names_the_missing_settings(tmp_path):
+    from edgesam.artifacts import Artifact
+    from edgesam.config import RPNConfig, RuntimeConfig
+    from pipelines import rpn as stage
+
+    data = Artifact("data", "real", tmp_path / "data")
+    data.path.mkdir()
+    data.commit({"sa1b_dir": str(tmp_path), "coco_train": None, "coco_val": None, "coco_images": None})
+    student = Artifact("prompt_kd", "x", tmp_path / "prompt_kd")
+    student.path.mkdir()
+    student.commit({"student": "student.pt", "img_size": 128})
+    with pytest.raises(ValueError, match="data.coco_train"):
+        stage.run(RPNConfig(), RuntimeConfig(num_workers=0), {"data": data, "prompt_kd": student}, tmp_path / "out")
