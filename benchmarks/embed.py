@@ -1,9 +1,9 @@
 """Throughput and memory of the embed stage (Ray Data actor pool) against a bare PyTorch loop.
 
-    python -m benchmarks.embed --out runs/bench/embed.json [--batch-size 4] [--threads 1]
+    python -m benchmarks.embed --out runs/bench/embed.json [--images 256] [--batch-size 4] [--threads 1]
 
-On the smoke benchmark (generated here, 32 images cut into 8 shards) with the smoke profile's
-small teacher (random weights: speed does not depend on them), reported:
+On the smoke benchmark's generator (here `--images` images, cut into 8 shards) with the smoke
+profile's small teacher (random weights: speed does not depend on them), reported:
 
 * stage images/s: `pipelines.embed.run` end to end (Ray start excluded: a warm-up run starts
   it), and once the actor pool is warm (after the first batch);
@@ -83,14 +83,19 @@ STAGE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def build_inputs(root: Path) -> tuple[Path, Path, Path]:
+def build_inputs(root: Path, images: int) -> tuple[Path, Path, Path]:
     """(8-shard artifact, 2-shard artifact, teacher artifact) of the smoke benchmark."""
     from edgesam.artifacts import Artifact, ArtifactStore, sha256_file
     from edgesam.config import load_profile
     from edgesam.models.teacher import build_tiny_sam, save_tiny_sam
     from pipelines.stage import run_dag
 
-    cfg = load_profile("smoke", {"runtime": {"work_dir": str(root / "runs")}, "shard": {"max_count": 4}})
+    num_val = max(1, images // 8)
+    cfg = load_profile("smoke", {
+        "runtime": {"work_dir": str(root / "runs")},
+        "data": {"num_train": images - num_val, "num_val": num_val, "images_per_tar": num_val},
+        "shard": {"max_count": num_val},
+    })
     shard = run_dag(cfg, ArtifactStore(root / "runs"), stages=["data", "shard"])["shard"][0]
     manifest = shard.manifest
     two = Artifact("shard", "two", root / "two")
@@ -171,6 +176,7 @@ def gpu_vit_h(batch: int, batches: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "embed.json")
+    parser.add_argument("--images", type=int, default=256, help="benchmark size (8 shards)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the bare loop and of each actor")
     parser.add_argument("--gpu", action="store_true", help="also time SAM ViT-H at 1024 in bf16 on CUDA")
@@ -179,7 +185,7 @@ def main() -> None:
                               "batch_size": args.batch_size, "threads": args.threads}
     with tempfile.TemporaryDirectory(prefix="bench-embed-") as tmp:
         root = Path(tmp)
-        shard8, shard2, teacher = build_inputs(root)
+        shard8, shard2, teacher = build_inputs(root, args.images)
         report["stage"] = run_stage(shard8, teacher, root / "out8", args.batch_size, args.threads, warmup=True)
         report["bare"] = bare_loop(shard8, teacher, args.batch_size, args.threads)
         report["warm_ratio"] = report["stage"]["warm_images_per_s"] / report["bare"]["images_per_s"]
