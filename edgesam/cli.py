@@ -67,7 +67,8 @@ def rpn_box(predictor, rpn_checkpoint: Path, image: np.ndarray, point: np.ndarra
     from edgesam.models.rpn import capture_backbone, knn_merge, load_rpn, proposals
 
     rpn = load_rpn(rpn_checkpoint)
-    cfg = RPNConfig()
+    meta = torch.load(rpn_checkpoint, map_location="cpu", weights_only=True).get("meta", {})
+    cfg = RPNConfig(**{k: v for k, v in meta.items() if k in RPNConfig.model_fields})  # settings it was saved with
     with capture_backbone(predictor.model.image_encoder) as features:
         predictor.set_image(image)
     with torch.no_grad():
