@@ -29,7 +29,7 @@ from edgesam.models.edgesam import build_edgesam, load_edgesam, save_edgesam
 from edgesam.models.student import StudentEncoder
 from edgesam.models.teacher import load_teacher, load_tiny_sam
 from edgesam.prompt_eval import evaluate_prompts
-from edgesam.train import fit
+from edgesam.train import fit, training_summary
 from pipelines.teacher import load_teacher_artifact
 
 STAGE = "encoder_kd"
@@ -118,17 +118,6 @@ class EncoderKDTask:
         return {"student": STUDENT_FILE}
 
 
-def loss_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """First and last logged loss, and the logged curve (step, loss, lr, images/s)."""
-    if not history:
-        return {}
-    return {
-        "first": history[0]["loss"],
-        "last": history[-1]["loss"],
-        "curve": [{k: round(v, 6) if isinstance(v, float) else v for k, v in h.items()} for h in history],
-    }
-
-
 def evaluate_val(embed: Artifact, teacher: Sam, students: dict[str, Sam], max_images: int | None) -> dict[str, Any]:
     """Box/point mIoU on the embed artifact's val split (its first `max_images` images, all
     when None), vs ground truth and vs the teacher."""
@@ -153,10 +142,7 @@ def run(cfg: EncoderKDConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact
         "backbone": cfg.backbone,
         "img_size": img_size,
         "train_samples": samples,
-        "steps": summary["steps"],
-        "train_seconds": summary["train_seconds"],
-        "images_per_s": round(summary["images_per_s"], 3),
-        "loss": loss_summary(summary["history"]),
+        **training_summary(summary),
         "miou": miou,
     }
 

@@ -26,7 +26,7 @@ from edgesam.data.shards import Sample, SampleDataset
 from edgesam.distill import prompt_in_the_loop_loss
 from edgesam.models.edgesam import load_edgesam, save_edgesam
 from edgesam.prompts import Prompts, choose_prompt_kind, gt_boxes, gt_points, sample_annotations
-from edgesam.train import fit
+from edgesam.train import fit, training_summary
 from pipelines.encoder_kd import (
     STUDENT_FILE,
     embed_inputs,
@@ -34,7 +34,6 @@ from pipelines.encoder_kd import (
     evaluate_val,
     load_teacher_model,
     loader,
-    loss_summary,
 )
 from pipelines.teacher import load_teacher_artifact
 
@@ -162,10 +161,7 @@ def run(cfg: PromptKDConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact]
         "student": STUDENT_FILE,
         "img_size": img_size,
         "train_samples": samples,
-        "steps": summary["steps"],
-        "train_seconds": summary["train_seconds"],
-        "images_per_s": round(summary["images_per_s"], 3),
-        "loss": loss_summary(summary["history"]),
+        **training_summary(summary),
         "miou": miou,
     }
 

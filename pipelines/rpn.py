@@ -27,7 +27,7 @@ from edgesam.data.transforms import preprocess, scale_boxes, xywh_to_xyxy
 from edgesam.evaluation import class_agnostic_box_eval, rpn_detections
 from edgesam.models.edgesam import load_edgesam
 from edgesam.models.rpn import RPN, build_rpn, encode_with_features, load_rpn, rpn_loss, save_rpn
-from edgesam.train import fit
+from edgesam.train import fit, training_summary
 
 STAGE = "rpn"
 UPSTREAM = ("data", "prompt_kd")
@@ -148,14 +148,6 @@ class RPNTask:
         return {"rpn": RPN_FILE}
 
 
-def loss_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """First and last logged loss and the logged curve."""
-    if not history:
-        return {}
-    curve = [{k: round(v, 6) if isinstance(v, float) else v for k, v in h.items()} for h in history]
-    return {"first": history[0]["loss"], "last": history[-1]["loss"], "curve": curve}
-
-
 def predict_settings(cfg: RPNConfig) -> dict[str, Any]:
     """What inference with the prior needs beyond the weights (stored in the checkpoint)."""
     return {"k": cfg.k, "score_threshold": cfg.score_threshold, "max_proposals": cfg.max_proposals}
@@ -187,10 +179,7 @@ def run(cfg: RPNConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact], out
         "student": student,
         "img_size": img_size,
         "train_samples": samples,
-        "steps": summary["steps"],
-        "train_seconds": summary["train_seconds"],
-        "images_per_s": round(summary["images_per_s"], 3),
-        "loss": loss_summary(summary["history"]),
+        **training_summary(summary),
         "proposals": quality,
         **predict_settings(cfg),
     }

@@ -13,12 +13,12 @@ from typing import Any
 import torch
 from segment_anything.modeling import Sam
 
+from edgesam.artifacts import atomic_torch_save
 from edgesam.models.student import StudentEncoder, UpsampleMode
 from edgesam.models.teacher import (
     PIXEL_MEAN,
     PIXEL_STD,
     TeacherCheckpointError,
-    atomic_torch_save,
     build_mask_decoder,
     build_prompt_encoder,
     load_checkpoint_file,

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import nms, sigmoid_focal_loss
 
-from edgesam.models.teacher import atomic_torch_save, load_checkpoint_file
+from edgesam.artifacts import atomic_torch_save
+from edgesam.models.teacher import load_checkpoint_file
 
 RPN_STRIDES = (8, 16, 32)
 MAX_LOG_DISTANCE = math.log(1e4)

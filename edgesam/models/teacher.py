@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,8 @@ from segment_anything.modeling import (
     Sam,
     TwoWayTransformer,
 )
+
+from edgesam.artifacts import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -110,20 +110,6 @@ def tiny_sam_config(sam: Sam) -> dict[str, int]:
         "depth": len(enc.blocks),
         "num_heads": enc.blocks[0].attn.num_heads,
     }
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file in the same directory, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint_file(path: Path, what: str) -> Any:

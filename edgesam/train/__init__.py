@@ -3,12 +3,12 @@ gradient clipping, AMP on GPU, atomic checkpoints with resume, throughput loggin
 
 from edgesam.train.checkpoint import last_checkpoint_path, load_checkpoint
 from edgesam.train.cluster import connect_ray, use_gpu
-from edgesam.train.fit import fit
+from edgesam.train.fit import fit, training_summary
 from edgesam.train.loop import NonFiniteLossError, move_to, total_steps
 from edgesam.train.schedule import scaled_lr, warmup_cosine_factor
 from edgesam.train.task import TrainTask
 
 __all__ = [
     "NonFiniteLossError", "TrainTask", "connect_ray", "fit", "last_checkpoint_path",
-    "load_checkpoint", "move_to", "scaled_lr", "total_steps", "use_gpu", "warmup_cosine_factor",
+    "load_checkpoint", "move_to", "scaled_lr", "total_steps", "training_summary", "use_gpu", "warmup_cosine_factor",
 ]

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from edgesam.artifacts import atomic_torch_save
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
@@ -46,17 +46,8 @@ def _as_tuples(value: Any) -> Any:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save to a temp file beside `path`, then os.replace: never a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a training checkpoint atomically: never a partial file."""
+    atomic_torch_save(state, path)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

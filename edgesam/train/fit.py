@@ -67,3 +67,18 @@ def fit(task: TrainTask, cfg: TrainConfig, runtime: RuntimeConfig, out_dir: Path
     log.info("%s: %d steps in %.1fs (%.1f images/s)", type(task).__name__, summary["steps"],
              summary["wall_seconds"], summary["images_per_s"])
     return summary
+
+
+def training_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """The manifest fields of a `fit` result: steps, time, throughput, and the logged loss curve."""
+    history = summary["history"]
+    loss = {}
+    if history:
+        curve = [{k: round(v, 6) if isinstance(v, float) else v for k, v in h.items()} for h in history]
+        loss = {"first": history[0]["loss"], "last": history[-1]["loss"], "curve": curve}
+    return {
+        "steps": summary["steps"],
+        "train_seconds": summary["train_seconds"],
+        "images_per_s": round(summary["images_per_s"], 3),
+        "loss": loss,
+    }
