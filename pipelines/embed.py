@@ -32,8 +32,9 @@ from edgesam.artifacts import Artifact, sha256_file
 from edgesam.config import EmbedConfig, RuntimeConfig
 from edgesam.data.shards import SPLITS
 from edgesam.data.transforms import normalize_pad, resize_image
-from edgesam.models.teacher import TeacherCheckpointError, load_teacher, load_tiny_sam
+from edgesam.models.teacher import load_teacher, load_tiny_sam
 from edgesam.train import connect_ray, use_gpu
+from pipelines.teacher import verified_checkpoint
 
 STAGE = "embed"
 UPSTREAM = ("shard", "teacher")
@@ -97,17 +98,8 @@ class TeacherEncoder:
 
 def teacher_source(teacher: Artifact) -> tuple[str, Path, int, str]:
     """(kind, checkpoint path, img_size, sha256) of the teacher artifact, checked on disk."""
+    path, digest = verified_checkpoint(teacher)
     manifest = teacher.manifest
-    path = Path(manifest["checkpoint"])
-    path = path if path.is_absolute() else teacher.path / path
-    if not path.is_file():
-        raise TeacherCheckpointError(f"teacher checkpoint {path} named by {teacher.manifest_path} is missing")
-    digest = sha256_file(path)
-    if digest != manifest["sha256"]:
-        raise TeacherCheckpointError(
-            f"teacher checkpoint {path} does not match {teacher.manifest_path} "
-            f"(sha256 {digest}, recorded {manifest['sha256']}); rerun the teacher stage"
-        )
     return manifest["kind"], path, int(manifest["img_size"]), digest
 
 

@@ -102,8 +102,8 @@ def _collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
     return {"images": images, "examples": examples}
 
 
-def load_teacher_artifact(artifact: Artifact) -> tuple[Sam, Path]:
-    """The teacher `Sam` (eval mode, CPU) of a committed teacher artifact, and its checkpoint path."""
+def verified_checkpoint(artifact: Artifact) -> tuple[Path, str]:
+    """The checkpoint path of a committed teacher artifact and its sha256, checked on disk."""
     manifest = artifact.manifest
     path = Path(manifest["checkpoint"])
     path = path if path.is_absolute() else artifact.path / path
@@ -112,10 +112,17 @@ def load_teacher_artifact(artifact: Artifact) -> tuple[Sam, Path]:
     digest = sha256_file(path)
     if digest != manifest["sha256"]:
         raise TeacherCheckpointError(
-            f"teacher checkpoint {path} changed since {artifact.manifest_path} was written "
-            f"(sha256 {digest}, recorded {manifest['sha256']}); rerun the teacher stage"
+            f"teacher checkpoint {path} does not match {artifact.manifest_path}: it changed since the "
+            f"teacher stage ran (sha256 {digest}, recorded {manifest['sha256']}); rerun the teacher stage"
         )
-    sam = load_tiny_sam(path) if manifest["kind"] == "synthetic" else load_teacher(manifest["kind"], path)
+    return path, digest
+
+
+def load_teacher_artifact(artifact: Artifact) -> tuple[Sam, Path]:
+    """The teacher `Sam` (eval mode, CPU) of a committed teacher artifact, and its checkpoint path."""
+    path, _ = verified_checkpoint(artifact)
+    kind = artifact.manifest["kind"]
+    sam = load_tiny_sam(path) if kind == "synthetic" else load_teacher(kind, path)
     return sam.eval(), path
 
 
