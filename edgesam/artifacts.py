@@ -123,10 +123,11 @@ class Artifact:
 
 
 class ArtifactStore:
-    """Artifacts of all stages under one root directory."""
+    """Artifacts of all stages under one root directory (made absolute: stage workers, such as
+    Ray's, may run in another working directory)."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.root = Path(root).expanduser().resolve()
 
     def artifact(self, stage: str, fp: str) -> Artifact:
         return Artifact(stage, fp, self.root / stage / fp)
