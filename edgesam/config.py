@@ -66,7 +66,11 @@ class DataConfig(_Config):
     min_side: int = 384
     max_side: int = 640
     objects_per_image: tuple[int, int] = (3, 6)
-    object_scale: tuple[float, float] = (0.12, 0.4)  # object extent / shorter image side
+    object_scale: tuple[float, float] = (0.2, 0.5)  # object extent / shorter image side
+    # Visible masks smaller than this fraction of the image are not annotated: >= ~130 px
+    # once the longest side is 256, so that SAM's 64x64 low-res masks can represent them
+    # (data/README.md, "Sizes").
+    min_mask_fraction: float = 0.003
     seed: int = 0
 
 
