@@ -5,5 +5,8 @@
 set -euo pipefail
 . "$(dirname "$0")/setup_venv.sh"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
+# glibc malloc: keep freed tensors instead of returning them to the OS at every step (measured
+# in the teacher's training: system CPU time 33% -> 8%, 1.0 -> 1.3 images/s; Ray workers inherit it).
+export MALLOC_MMAP_MAX_="${MALLOC_MMAP_MAX_:-0}" MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-68719476736}"
 export PREFECT_SERVER_ANALYTICS_ENABLED="${PREFECT_SERVER_ANALYTICS_ENABLED:-false}"
 exec python -m flows.run_local "$@"
