@@ -100,6 +100,7 @@ class TeacherConfig(_Config):
     focal_weight: float = 20.0
     dice_weight: float = 1.0
     iou_weight: float = 1.0
+    tied_attention_init: bool = True  # prompts attend to their own place from step 1
 
 
 class EmbedConfig(_Config):

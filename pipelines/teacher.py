@@ -32,6 +32,7 @@ from edgesam.models.teacher import (
     load_teacher,
     load_tiny_sam,
     save_tiny_sam,
+    tie_cross_attention_init,
     tiny_sam_config,
 )
 from edgesam.train import fit
@@ -60,9 +61,13 @@ class TeacherTask:
     loss_stride: int
     weights: RecipeWeights
     seed: int
+    tied_attention_init: bool = True
 
     def build_model(self) -> nn.Module:
-        return build_tiny_sam(self.img_size, self.embed_dim, self.depth, self.num_heads)
+        sam = build_tiny_sam(self.img_size, self.embed_dim, self.depth, self.num_heads)
+        if self.tied_attention_init:
+            tie_cross_attention_init(sam.mask_decoder)
+        return sam
 
     def parameters(self, model: nn.Module) -> Iterable[nn.Parameter]:
         return model.parameters()
@@ -155,6 +160,7 @@ def _train_reference(cfg: TeacherConfig, runtime: RuntimeConfig, shard: Artifact
         img_size=img_size, embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
         max_prompts=cfg.max_prompts, corrective_clicks=cfg.corrective_clicks, loss_stride=cfg.loss_stride,
         weights=RecipeWeights(cfg.focal_weight, cfg.dice_weight, cfg.iou_weight), seed=runtime.seed,
+        tied_attention_init=cfg.tied_attention_init,
     )
     if not task.shards:
         raise FileNotFoundError(f"{shard.path}/train: the shard artifact has no training shards")

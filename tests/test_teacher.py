@@ -13,6 +13,7 @@ from edgesam.models.teacher import (
     load_teacher,
     load_tiny_sam,
     save_tiny_sam,
+    tie_cross_attention_init,
 )
 
 
@@ -24,6 +25,22 @@ def embedding(tiny_sam):
 
 def test_tiny_sam_embedding_grid(embedding):
     assert embedding.shape == (1, 256, 16, 16)
+
+
+def test_tied_cross_attention_attends_to_the_prompt_position():
+    torch.manual_seed(0)
+    sam = build_tiny_sam(256, 32, 1, 2)
+    assert tie_cross_attention_init(sam.mask_decoder) == 5  # 2 layers x 2 directions + final
+    layer = sam.mask_decoder.transformer.layers[0]
+    assert not torch.equal(layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight)  # untouched
+    attn = layer.cross_attn_token_to_image
+    grid_pe = sam.prompt_encoder.get_dense_pe().flatten(2)[0].T  # (16*16, 256), cell centres
+    cells = torch.tensor([[3, 5], [12, 2], [8, 14]])  # (row, col)
+    xy = (cells.flip(1).float() + 0.5) * 16  # pixel coordinates of those cell centres
+    prompt_pe = sam.prompt_encoder.pe_layer.forward_with_coords(xy[None], (256, 256))[0]
+    with torch.no_grad():
+        logits = attn.q_proj(prompt_pe) @ attn.k_proj(grid_pe).T
+    assert logits.argmax(dim=1).tolist() == (cells[:, 0] * 16 + cells[:, 1]).tolist()
 
 
 @pytest.mark.parametrize("num_outputs", [1, 3, 4])
