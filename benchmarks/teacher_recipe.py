@@ -33,6 +33,7 @@ import torch
 
 from edgesam.config import load_profile
 from edgesam.data.shards import iter_samples, list_shards
+from edgesam.train.loop import move_to
 from edgesam.train.sam_recipe import RecipeWeights, evaluate_gt_prompts
 from edgesam.train.schedule import build_scheduler
 from pipelines.teacher import TeacherTask
@@ -67,9 +68,7 @@ def run_variant(shard: Path, lr: float, clip: float, tied: bool, args: argparse.
     window: dict[str, list[float]] = {}
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
-        batch = next(batches)
-        batch = {"images": batch["images"].to(device),
-                 "examples": [{k: v.to(device) for k, v in ex.items()} for ex in batch["examples"]]}
+        batch = move_to(next(batches), device)
         loss, metrics = task.loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
