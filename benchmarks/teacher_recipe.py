@@ -31,10 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgesam.artifacts import Artifact
 from edgesam.config import load_profile
 from edgesam.data.shards import iter_samples, list_shards
 from edgesam.train.loop import move_to
-from edgesam.train.sam_recipe import RecipeWeights, evaluate_gt_prompts
+from edgesam.train.sam_recipe import evaluate_gt_prompts
 from edgesam.train.schedule import build_scheduler
 from pipelines.teacher import TeacherTask
 
@@ -47,19 +48,12 @@ WINDOW = 25
 
 
 def run_variant(shard: Path, lr: float, clip: float, tied: bool, args: argparse.Namespace) -> dict[str, Any]:
-    cfg = load_profile("default").teacher
+    cfg = load_profile("default").teacher.model_copy(update={"tied_attention_init": tied})
     torch.manual_seed(0)
     random.seed(0)
     np.random.seed(0)
     device = torch.device(args.device)
-    shards = [str(p) for p in list_shards(shard, "train")]
-    num_train = json.loads((shard / "manifest.json").read_text())["splits"]["train"]["samples"]
-    task = TeacherTask(
-        shards=shards, num_train=num_train, img_size=args.img_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
-        num_heads=cfg.num_heads, max_prompts=cfg.max_prompts, corrective_clicks=cfg.corrective_clicks,
-        loss_stride=cfg.loss_stride, weights=RecipeWeights(cfg.focal_weight, cfg.dice_weight, cfg.iou_weight),
-        seed=0, tied_attention_init=tied,
-    )
+    task = TeacherTask.from_config(cfg, Artifact("shard", shard.name, shard), seed=0)
     model = task.build_model().to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.train.weight_decay)
     scheduler = build_scheduler(optimizer, args.schedule, cfg.train.warmup_steps, cfg.train.min_lr_ratio)
@@ -83,7 +77,7 @@ def run_variant(shard: Path, lr: float, clip: float, tied: bool, args: argparse.
     seconds = time.perf_counter() - start
     escape = next((w["step"] for w in windows if w.get("train_box_iou", 0.0) > 0.05), None)
     val = evaluate_gt_prompts(model, itertools.islice(iter_samples(list_shards(shard, "val")), args.val_images),
-                              args.img_size)
+                              task.img_size)
     last = windows[-1] if windows else {}
     return {
         "lr": lr, "grad_clip": clip, "tied_attention_init": tied, "escape_step": escape,
@@ -99,7 +93,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--schedule", type=int, default=2000, help="length of the cosine schedule")
     parser.add_argument("--val-images", type=int, default=40)
-    parser.add_argument("--img-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/teacher_recipe.json"))

@@ -63,6 +63,19 @@ class TeacherTask:
     seed: int
     tied_attention_init: bool = True
 
+    @classmethod
+    def from_config(cls, cfg: TeacherConfig, shard: Artifact, seed: int) -> TeacherTask:
+        """The task of `cfg` on the train split of a committed shard artifact."""
+        manifest = shard.manifest
+        return cls(
+            shards=[str(p) for p in list_shards(shard.path, "train")],
+            num_train=int(manifest["splits"]["train"]["samples"]),
+            img_size=int(manifest["target_size"]), embed_dim=cfg.embed_dim, depth=cfg.depth,
+            num_heads=cfg.num_heads, max_prompts=cfg.max_prompts, corrective_clicks=cfg.corrective_clicks,
+            loss_stride=cfg.loss_stride, weights=RecipeWeights(cfg.focal_weight, cfg.dice_weight, cfg.iou_weight),
+            seed=seed, tied_attention_init=cfg.tied_attention_init,
+        )
+
     def build_model(self) -> nn.Module:
         sam = build_tiny_sam(self.img_size, self.embed_dim, self.depth, self.num_heads)
         if self.tied_attention_init:
@@ -152,16 +165,8 @@ def _resolve_sam(cfg: TeacherConfig, target_size: int) -> dict[str, Any]:
 
 
 def _train_reference(cfg: TeacherConfig, runtime: RuntimeConfig, shard: Artifact, out: Path) -> dict[str, Any]:
-    manifest = shard.manifest
-    img_size = int(manifest["target_size"])
-    task = TeacherTask(
-        shards=[str(p) for p in list_shards(shard.path, "train")],
-        num_train=int(manifest["splits"]["train"]["samples"]),
-        img_size=img_size, embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
-        max_prompts=cfg.max_prompts, corrective_clicks=cfg.corrective_clicks, loss_stride=cfg.loss_stride,
-        weights=RecipeWeights(cfg.focal_weight, cfg.dice_weight, cfg.iou_weight), seed=runtime.seed,
-        tied_attention_init=cfg.tied_attention_init,
-    )
+    task = TeacherTask.from_config(cfg, shard, runtime.seed)
+    img_size = task.img_size
     if not task.shards:
         raise FileNotFoundError(f"{shard.path}/train: the shard artifact has no training shards")
     summary = fit(task, cfg.train, runtime, out)
