@@ -87,7 +87,7 @@ def build_inputs(root: Path, images: int) -> tuple[Path, Path, Path]:
     """(8-shard artifact, 2-shard artifact, teacher artifact) of the smoke benchmark."""
     from edgesam.artifacts import Artifact, ArtifactStore, sha256_file
     from edgesam.config import load_profile
-    from edgesam.models.teacher import build_tiny_sam, save_tiny_sam
+    from edgesam.models.tiny_sam import build_tiny_sam, save_tiny_sam
     from pipelines.stage import run_dag
 
     num_val = max(1, images // 8)
@@ -129,7 +129,7 @@ def bare_loop(shard: Path, teacher: Path, batch: int, threads: int) -> dict[str,
     """The same work without Ray: decode, preprocess, encode, serialize float16 npy."""
     from edgesam.data.shards import iter_samples, list_shards
     from edgesam.data.transforms import preprocess
-    from edgesam.models.teacher import load_tiny_sam
+    from edgesam.models.tiny_sam import load_tiny_sam
 
     torch.set_num_threads(threads)
     encoder = load_tiny_sam(teacher / "teacher.pt").image_encoder.eval()

@@ -28,7 +28,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -76,25 +75,18 @@ def count_macs(model: Any, forward: Callable[[], Any]) -> tuple[float, float]:
 
 def median_latency(fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, Any]:
     """Median, min and max seconds of `repeats` calls after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+    from edgesam.eval.speed import run_times
+
+    times = run_times(fn, repeats, warmup)
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
             "runs": repeats, "warmup": warmup}
-
-
-def params_m(module: Any) -> float:
-    return sum(p.numel() for p in module.parameters()) / 1e6
 
 
 def measure(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     import torch
     from segment_anything import sam_model_registry
 
+    from edgesam.eval.speed import params_m
     from edgesam.models.decoding import decode
     from edgesam.models.edgesam import build_edgesam
 
@@ -175,6 +167,7 @@ def onnx_rows(student: Any, m_student: Any, m_image: Any, m_emb: Any, m_box: Any
 
     import numpy as np
 
+    from edgesam.eval.speed import params_m
     from edgesam.export import export_compact_decoder, export_encoder, session
     from edgesam.models.decoding import decode
 

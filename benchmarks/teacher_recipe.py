@@ -33,11 +33,12 @@ import torch
 
 from edgesam.artifacts import Artifact
 from edgesam.config import load_profile
-from edgesam.data.shards import iter_samples, list_shards
+from edgesam.data.shards import list_shards
+from edgesam.eval.datasets import shard_items
+from edgesam.eval.miou import ground_truth_miou
+from edgesam.tasks.teacher import TeacherTask
 from edgesam.train.loop import move_to
-from edgesam.train.sam_recipe import evaluate_gt_prompts
 from edgesam.train.schedule import build_scheduler
-from pipelines.teacher import TeacherTask
 
 VARIANTS = {  # name: (lr, grad_clip, tied cross-attention init)
     "previous default (lr 1.5e-3, clip 1)": (1.5e-3, 1.0, False),
@@ -76,8 +77,7 @@ def run_variant(shard: Path, lr: float, clip: float, tied: bool, args: argparse.
             window = {}
     seconds = time.perf_counter() - start
     escape = next((w["step"] for w in windows if w.get("train_box_iou", 0.0) > 0.05), None)
-    val = evaluate_gt_prompts(model, itertools.islice(iter_samples(list_shards(shard, "val")), args.val_images),
-                              task.img_size)
+    val = ground_truth_miou(model, shard_items(list_shards(shard, "val"), args.val_images))
     last = windows[-1] if windows else {}
     return {
         "lr": lr, "grad_clip": clip, "tied_attention_init": tied, "escape_step": escape,

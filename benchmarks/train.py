@@ -39,10 +39,13 @@ from edgesam.data.shards import list_shards, write_shards
 from edgesam.data.synth import generate_image
 from edgesam.data.transforms import preprocess
 from edgesam.models.edgesam import build_edgesam, save_edgesam
-from edgesam.models.teacher import build_tiny_sam, save_tiny_sam
+from edgesam.models.tiny_sam import build_tiny_sam, save_tiny_sam
+from edgesam.artifacts import sha256_file
+from edgesam.models.teacher import TeacherSource
+from edgesam.tasks.data import EmbedShards
+from edgesam.tasks.encoder_kd import EncoderKDTask
+from edgesam.tasks.prompt_kd import PromptKDTask
 from edgesam.train import move_to
-from pipelines.encoder_kd import EncoderKDTask
-from pipelines.prompt_kd import PromptKDTask
 
 
 def synthesize(root: Path, images: int, img_size: int) -> tuple[Path, Path]:
@@ -133,13 +136,12 @@ def main() -> None:
         else:
             embed, teacher_ckpt = synthesize(Path(tmp), args.images, args.img_size)
             img_size = args.img_size
-        shards = [str(p) for p in list_shards(embed, "train")]
-        phase1 = EncoderKDTask(cfg.encoder_kd.backbone, cfg.encoder_kd.upsample_mode, img_size, shards,
-                               args.images, cfg.encoder_kd.train.loader_workers, str(teacher_ckpt))
+        data = EmbedShards(img_size, [str(p) for p in list_shards(embed, "train")], args.images)
+        teacher = TeacherSource("synthetic", str(teacher_ckpt), sha256_file(teacher_ckpt), img_size)
+        phase1 = EncoderKDTask.from_config(cfg.encoder_kd, data, teacher, cfg.runtime.seed)
         student_ckpt = Path(tmp) / "phase1.pt"
         save_edgesam(build_edgesam(cfg.encoder_kd.backbone, img_size, teacher_ckpt), student_ckpt)
-        phase2 = PromptKDTask(cfg.prompt_kd, img_size, shards, args.images, str(student_ckpt), "synthetic",
-                              str(teacher_ckpt))
+        phase2 = PromptKDTask.from_config(cfg.prompt_kd, data, student_ckpt, teacher, cfg.runtime.seed)
         results = {
             "encoder_kd": measure(phase1, cfg.encoder_kd.train.batch_size, args.steps, args.warmup, device),
             "prompt_kd": measure(phase2, cfg.prompt_kd.train.batch_size, args.steps, args.warmup, device),

@@ -11,11 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import shutil
 import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from pydantic import BaseModel
 
@@ -63,35 +65,70 @@ def fingerprint(stage: str, config: Any, upstream: Mapping[str, str], code: str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def file_digests(path: Path, chunk: int = 1 << 24) -> tuple[str, str]:
+    """(sha256, md5) hex digests of a file, read once (the only place files are hashed)."""
+    sha, md5 = hashlib.sha256(), hashlib.md5()
     with open(path, "rb") as f:
         while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+            sha.update(block)
+            md5.update(block)
+    return sha.hexdigest(), md5.hexdigest()
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that readers see either nothing or the whole file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(_canonical(data), indent=2, sort_keys=True))
-    os.replace(tmp, path)
+def sha256_file(path: Path) -> str:
+    return file_digests(path)[0]
+
+
+def temp_path(path: Path) -> Path:
+    """A hidden name beside `path` (same filesystem, same suffix) for writing it atomically."""
+    return path.with_name(f".{path.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write `path` to; it replaces `path` only when the block succeeds.
+
+    Readers see the old file or the complete new one, never a partial one; on error the
+    temporary file (or directory) is removed. Works for directories (e.g. `.mlpackage`) too.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        if tmp.is_dir() and path.exists():
+            shutil.rmtree(path)  # os.replace cannot replace a non-empty directory
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(path: str | Path, payload: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(payload)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(_canonical(data), indent=2, sort_keys=True))
+
+
+def copy_atomic(src: str | Path, dst: str | Path) -> None:
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp file in the same directory, then os.replace: never a partial file."""
     import torch  # lazy: the orchestration layer imports this module without torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True)
@@ -131,14 +168,3 @@ class ArtifactStore:
 
     def artifact(self, stage: str, fp: str) -> Artifact:
         return Artifact(stage, fp, self.root / stage / fp)
-
-    def latest(self, stage: str) -> Artifact | None:
-        """The most recently committed artifact of `stage`, if any."""
-        done = [a for a in self.list(stage) if a.complete]
-        return max(done, key=lambda a: a.manifest_path.stat().st_mtime, default=None)
-
-    def list(self, stage: str) -> list[Artifact]:
-        base = self.root / stage
-        if not base.is_dir():
-            return []
-        return [self.artifact(stage, p.name) for p in sorted(base.iterdir()) if p.is_dir()]

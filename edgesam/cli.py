@@ -59,55 +59,39 @@ def overlay(image: np.ndarray, mask: np.ndarray, points: np.ndarray | None, box:
     return np.asarray(canvas)
 
 
-def rpn_box(predictor, rpn_checkpoint: Path, image: np.ndarray, point: np.ndarray) -> np.ndarray:
-    """Embed the image and return the granularity-prior box around `point` (original frame)."""
-    import torch
-
-    from edgesam.config import RPNConfig
-    from edgesam.models.rpn import capture_backbone, knn_merge, load_rpn, proposals
-
-    rpn = load_rpn(rpn_checkpoint)
-    meta = torch.load(rpn_checkpoint, map_location="cpu", weights_only=True).get("meta", {})
-    cfg = RPNConfig(**{k: v for k, v in meta.items() if k in RPNConfig.model_fields})  # settings it was saved with
-    with capture_backbone(predictor.model.image_encoder) as features:
-        predictor.set_image(image)
-    with torch.no_grad():
-        logits, deltas = rpn(features)
-    boxes, scores = proposals(
-        rpn, logits, deltas, [predictor.input_size], cfg.score_threshold, cfg.max_proposals
-    )[0]
-    scale = np.array(predictor.original_size[::-1] * 2) / np.array(predictor.input_size[::-1] * 2)
-    point_in = torch.as_tensor(predictor.transform.apply_coords(point[None], predictor.original_size))
-    merged = knn_merge(point_in, boxes, scores, cfg.k)
-    if merged is None:
-        raise SystemExit(f"error: the RPN {rpn_checkpoint} proposed no box on this image")
-    return merged[0].numpy() * scale
-
-
 def cmd_predict(args: argparse.Namespace) -> None:
+    import torch
     from PIL import Image
-    from segment_anything import SamPredictor
 
-    from edgesam.models.edgesam import EdgeSAMCheckpointError, load_edgesam
+    from edgesam.models.checkpoint import CheckpointError
+    from edgesam.models.edgesam import load_edgesam
+    from edgesam.models.rpn import load_rpn
+    from edgesam.predictor import EdgeSAMPredictor
 
     if args.rpn and args.point is None:
         raise SystemExit("error: --rpn turns a point prompt into a box; it needs --point")
     image = load_image(args.image)
     try:
         model = load_edgesam(args.checkpoint)
-    except EdgeSAMCheckpointError as exc:
+        rpn = load_rpn(args.rpn) if args.rpn else None
+    except CheckpointError as exc:
         raise SystemExit(f"error: {exc}") from exc
-    predictor = SamPredictor(model)
+    if rpn is None:
+        predictor = EdgeSAMPredictor(model)
+    else:  # the settings it was saved with
+        meta = torch.load(args.rpn, map_location="cpu", weights_only=True).get("meta", {})
+        predictor = EdgeSAMPredictor.with_rpn_settings(model, rpn, meta)
     start = time.perf_counter()
     points = labels = box = None
     if args.point is not None:
         points, labels = np.array([args.point]), np.array([args.label])
     if args.box is not None:
         box = np.array(args.box)
-    if args.rpn:
-        box = rpn_box(predictor, args.rpn, image, points[0])
-    else:
-        predictor.set_image(image)
+    predictor.set_image(image)
+    if rpn is not None:
+        box = predictor.prior_box(points[0])
+        if box is None:
+            raise SystemExit(f"error: the RPN {args.rpn} proposed no box on this image")
     # A lone point is ambiguous: take the best of SAM's three masks, as SAM recommends.
     multimask = box is None
     masks, scores, _ = predictor.predict(

@@ -101,6 +101,7 @@ class TeacherConfig(_Config):
     dice_weight: float = 1.0
     iou_weight: float = 1.0
     tied_attention_init: bool = True  # prompts attend to their own place from step 1
+    hflip: bool = False  # mirror half the training images (long runs over a small train split)
 
 
 class EmbedConfig(_Config):

@@ -14,6 +14,7 @@ from segment_anything.modeling import Sam
 
 from edgesam.config import PromptKDConfig
 from edgesam.losses import bce_loss, dice_loss, masked_mse
+from edgesam.metrics import mask_iou
 from edgesam.models.decoding import decode
 from edgesam.prompts import Prompts, disagreement_points
 
@@ -43,12 +44,6 @@ def encoder_kd_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, valid:
 def num_mask_outputs(prompts: Prompts, cfg: PromptKDConfig) -> int:
     """EdgeSAM: all 4 mask tokens for point prompts, 1 for boxes (both configurable)."""
     return cfg.box_multimask if prompts.boxes is not None else cfg.point_multimask
-
-
-def _mask_iou(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    inter = (a & b & valid).flatten(1).sum(1)
-    union = ((a | b) & valid).flatten(1).sum(1)
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter, dtype=torch.float))
 
 
 def prompt_in_the_loop_loss(
@@ -120,7 +115,7 @@ def prompt_in_the_loop_loss(
             t_mask = t_logits[rows, best] > threshold
             s_mask = s_logits.detach()[rows, best] > threshold
             iter_loss[it] += loss.detach().float().cpu()
-            iter_iou[it] += _mask_iou(s_mask, t_mask, valid[i]).mean().cpu()
+            iter_iou[it] += mask_iou(s_mask, t_mask, valid[i]).float().mean().cpu()
             if it + 1 < cfg.decode_iters:
                 points, labels = disagreement_points(
                     t_mask, s_mask, valid[i], cfg.points_per_iter, input_size, generator

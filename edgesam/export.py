@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +28,8 @@ from segment_anything.utils.onnx import SamOnnxModel
 import torch.nn.functional as F
 from torch import nn
 
+from edgesam.artifacts import atomic_path
+from edgesam.eval.speed import latency_ms, model_speed
 from edgesam.models.decoding import decode
 
 SAM_DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size")
@@ -94,18 +93,11 @@ def fused_copy(sam: Sam) -> Sam:
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs: tuple[str, ...], outputs: tuple[str, ...],
             opset: int, dynamic_axes: dict | None = None) -> None:
-    """TorchScript-based ONNX export to a temp file, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with torch.no_grad():
-            torch.onnx.export(module, args, str(tmp), dynamo=False, export_params=True, opset_version=opset,
-                              do_constant_folding=True, input_names=list(inputs), output_names=list(outputs),
-                              dynamic_axes=dynamic_axes)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """TorchScript-based ONNX export, written atomically."""
+    with atomic_path(path) as tmp, torch.no_grad():
+        torch.onnx.export(module, args, str(tmp), dynamo=False, export_params=True, opset_version=opset,
+                          do_constant_folding=True, input_names=list(inputs), output_names=list(outputs),
+                          dynamic_axes=dynamic_axes)
 
 
 def _dummy_points(sam: Sam, n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,6 +141,18 @@ def export_compact_decoder(sam: Sam, path: Path, opset: int = 17) -> None:
     coords, labels = _dummy_points(sam, 5)
     _export(CompactDecoder(sam), (torch.randn(1, 256, *size), coords, labels), path, COMPACT_INPUTS,
             COMPACT_OUTPUTS, opset, POINT_AXES)
+
+
+ONNX_FILES = {"encoder": "encoder.onnx", "decoder_sam": "decoder_sam.onnx", "decoder_edgesam": "decoder_edgesam.onnx"}
+
+
+def export_onnx(fused: Sam, out_dir: Path, opset: int = 17) -> dict[str, Path]:
+    """The fused model's encoder and both decoder interfaces under `out_dir`; returns their paths."""
+    files = {name: Path(out_dir) / file for name, file in ONNX_FILES.items()}
+    export_encoder(fused, files["encoder"], opset)
+    export_sam_decoder(fused, files["decoder_sam"], opset)
+    export_compact_decoder(fused, files["decoder_edgesam"], opset)
+    return files
 
 
 def session(path: Path) -> ort.InferenceSession:
@@ -224,13 +228,24 @@ def _as_decode_prompts(coords: torch.Tensor, labels: torch.Tensor):
 def ort_latency_ms(path: Path, feeds: dict[str, np.ndarray], repeats: int = 10) -> float:
     """Median onnxruntime CPU latency of one run, after a warm-up run."""
     sess = session(path)
-    sess.run(None, feeds)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sess.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
+    return latency_ms(lambda: sess.run(None, feeds), repeats)
+
+
+@torch.no_grad()
+def latency(sam: Sam, files: dict[str, Path], repeats: int) -> dict[str, dict[str, float]]:
+    """Median CPU latency (ms) of encoder and compact decoder: onnxruntime and PyTorch eager."""
+    size = sam.image_encoder.img_size
+    image = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    grid = sam.prompt_encoder.image_embedding_size
+    feeds = {"image_embeddings": np.zeros((1, 256, *grid), np.float32),
+             "point_coords": np.array([[[size / 2, size / 2], [0, 0]]], np.float32),
+             "point_labels": np.array([[1, -1]], np.float32)}
+    eager = model_speed(sam, repeats)
+    return {
+        "onnxruntime": {"encoder_ms": ort_latency_ms(files["encoder"], {"image": image}, repeats),
+                        "decoder_ms": ort_latency_ms(files["decoder_edgesam"], feeds, repeats)},
+        "pytorch": {"encoder_ms": eager["encoder_ms"], "decoder_ms": eager["decoder_ms"]},
+    }
 
 
 def export_coreml(sam: Sam, path: Path) -> dict[str, Any]:
@@ -253,11 +268,7 @@ def export_coreml(sam: Sam, path: Path) -> dict[str, Any]:
         traced = torch.jit.trace(encoder, example)
     model = ct.convert(traced, inputs=[ct.TensorType(name="image", shape=example.shape)],
                        outputs=[ct.TensorType(name="image_embeddings")], convert_to="mlprogram")
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # coremltools wants the .mlpackage suffix
-    model.save(str(tmp))
-    if path.exists():  # an .mlpackage is a directory: replace a previous attempt's
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # keeps the .mlpackage suffix coremltools wants
+        model.save(str(tmp))
     return {"status": "exported", "file": path.name,
             "nearest_vs_bilinear_max_abs_diff": float((nearest - reference).abs().max())}

@@ -95,20 +95,6 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | N
     return (sq * weights).sum() / weights.sum().clamp(min=1)
 
 
-def mask_iou_from_logits(
-    logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None
-) -> torch.Tensor:
-    """IoU (...) of the binarized logits (> 0) with binary targets over valid pixels (no grad)."""
-    with torch.no_grad():
-        pred, gt = logits > 0, targets > 0.5
-        if valid is not None:
-            keep = valid.bool().expand_as(pred)
-            pred, gt = pred & keep, gt & keep
-        inter = (pred & gt).flatten(-2).sum(-1).float()
-        union = (pred | gt).flatten(-2).sum(-1).float()
-        return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-
-
 def iou_head_loss(iou_pred: torch.Tensor, actual_iou: torch.Tensor, reduction: Reduction = "mean") -> torch.Tensor:
     """SAM's IoU-head loss: MSE between predicted and actual mask IoU."""
     return _reduce((iou_pred.float() - actual_iou.detach().float()) ** 2, reduction)

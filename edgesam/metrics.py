@@ -20,12 +20,17 @@ COCO_MEDIUM = 96**2
 SIZES = ("small", "medium", "large")
 
 
-def mask_iou(pred: torch.Tensor | np.ndarray, gt: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """IoU of binary masks (..., H, W) -> (...). Two empty masks agree perfectly (1.0)."""
+def mask_iou(pred: torch.Tensor | np.ndarray, gt: torch.Tensor | np.ndarray,
+             valid: torch.Tensor | None = None) -> torch.Tensor:
+    """IoU of binary masks (..., H, W) -> (...), over the `valid` pixels only when given
+    (broadcast, e.g. the unpadded region). Two empty masks agree perfectly (1.0)."""
     pred = torch.as_tensor(pred).bool()
     gt = torch.as_tensor(gt).bool()
     if pred.shape != gt.shape:
         raise ValueError(f"mask shapes differ: prediction {tuple(pred.shape)}, ground truth {tuple(gt.shape)}")
+    if valid is not None:
+        keep = valid.bool().to(pred.device)
+        pred, gt = pred & keep, gt & keep
     inter = (pred & gt).flatten(-2).sum(-1).double()
     union = (pred | gt).flatten(-2).sum(-1).double()
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))

@@ -14,11 +14,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
 
 from edgesam.artifacts import ArtifactStore
-from edgesam.config import STAGES, PipelineConfig, RuntimeConfig
+from edgesam.config import PipelineConfig, RuntimeConfig
 from edgesam.train.cluster import connect_ray
 from flows.caching import ManifestCache, retry_on_transient_io
+from flows.evaluation import publish_evaluation
 from flows.params import Profile, StageName, TeacherKind, pipeline_config
-from pipelines.stage import MissingUpstreamError, PlannedStage, downstream_closure, plan, run_stage
+from pipelines.stage import PlannedStage, check_upstream, plan, run_stage, select
 
 STAGE_LOGGERS = ("edgesam", "pipelines")
 
@@ -73,22 +74,6 @@ def ray_connection(runtime: RuntimeConfig) -> Iterator[None]:
             ray.shutdown()
 
 
-def check_upstream(selected: list[str], cfg: PipelineConfig, planned: dict[str, PlannedStage]) -> None:
-    """Fail before running anything when a selected stage's upstream is neither selected nor cached."""
-    store = ArtifactStore(cfg.runtime.work_dir)
-    missing = [
-        f"{name} needs {up} ({store.artifact(up, fp).path})"
-        for name in selected
-        for up, fp in planned[name].upstream.items()
-        if up not in selected and not store.artifact(up, fp).complete
-    ]
-    if missing:
-        raise MissingUpstreamError(
-            "upstream artifacts are not committed: " + "; ".join(missing)
-            + ". Add those stages to `stages`, or run the whole flow."
-        )
-
-
 def summary_markdown(cfg: PipelineConfig, rows: list[dict[str, Any]]) -> str:
     lines = [
         f"# edgesam run, profile `{cfg.profile}`",
@@ -124,7 +109,8 @@ def edgesam(
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run the EdgeSAM DAG: data -> shard -> teacher -> embed -> encoder_kd -> prompt_kd -> rpn
-    -> evaluate -> export. Committed artifacts are reused (task state "Cached").
+    -> evaluate -> export. Committed artifacts are reused (task state "Cached"); when the run
+    includes evaluate, its report and metrics are published as Prefect artifacts.
 
     Args:
         profile: `smoke` (minutes), `default` (the embedded benchmark, about an hour on 2 CPU
@@ -149,10 +135,9 @@ def edgesam(
         backbone=backbone, ray_address=ray_address, num_workers=num_workers, use_gpu=use_gpu,
         work_dir=work_dir,
     )
-    selected = [s for s in STAGES if stages is None or s in stages]
-    forced = downstream_closure(force or ()) & set(selected)
+    selected, forced = select(stages, force or ())
     planned = plan(cfg)  # once: every stage of this run agrees on the fingerprints
-    check_upstream(selected, cfg, planned)
+    check_upstream(selected, ArtifactStore(cfg.runtime.work_dir), planned)
     logger.info("profile %s, artifacts under %s, stages %s%s", cfg.profile, cfg.runtime.work_dir,
                 ", ".join(selected), f", forced {', '.join(s for s in selected if s in forced)}" if forced else "")
     rows: list[dict[str, Any]] = []
@@ -169,4 +154,12 @@ def edgesam(
     create_markdown_artifact(
         summary_markdown(cfg, rows), key=f"edgesam-run-{cfg.profile}", description="stages, cache status, artifacts"
     )
-    return {row["stage"]: row for row in rows}
+    results = {row["stage"]: row for row in rows}
+    if "evaluate" in results:
+        publish_evaluation(Path(results["evaluate"]["path"]), cfg.profile)
+    return results
+
+
+# The nightly evaluation is the same flow under its own name, so both share one parameter
+# definition; its deployment selects and forces the evaluate stage (flows/serve.py).
+edgesam_eval = edgesam.with_options(name="edgesam-eval")

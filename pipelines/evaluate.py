@@ -20,12 +20,15 @@ import torch
 from edgesam.artifacts import Artifact, write_json_atomic
 from edgesam.config import EvaluateConfig, RuntimeConfig
 from edgesam.data.shards import list_shards
-from edgesam.evaluation import EvalProtocol, Overlay, Segmenter, coco_items, evaluate, model_speed, shard_items
-from edgesam.metrics import IoURecord, summarize
+from edgesam.eval.datasets import coco_items, shard_items
+from edgesam.eval.engine import EvalProtocol, Segmenter
+from edgesam.eval.miou import evaluate
+from edgesam.eval.speed import model_speed
+from edgesam.metrics import summarize
 from edgesam.models.edgesam import load_edgesam
 from edgesam.models.rpn import load_rpn
+from edgesam.models.teacher import TeacherSource
 from edgesam.report import write_report
-from pipelines.teacher import load_teacher_artifact
 
 STAGE = "evaluate"
 UPSTREAM = ("data", "shard", "teacher", "encoder_kd", "prompt_kd", "rpn")
@@ -41,50 +44,36 @@ def _student(artifact: Artifact):
     return sam
 
 
-def _machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s)"
-
-
 def run(cfg: EvaluateConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
-    teacher, _ = load_teacher_artifact(inputs["teacher"])
-    phase1, phase2 = _student(inputs["encoder_kd"]), _student(inputs["prompt_kd"])
-    rpn_artifact = inputs["rpn"]
-    rpn_manifest = rpn_artifact.manifest
-    rpn = load_rpn(rpn_artifact.path / rpn_manifest["rpn"])
-    models = [Segmenter("teacher", teacher), Segmenter("encoder_kd", phase1), Segmenter("prompt_kd", phase2)]
-    with_prior = Segmenter(RPN_MODEL, phase2, rpn, k=rpn_manifest["k"], score_threshold=rpn_manifest["score_threshold"],
-                           max_proposals=rpn_manifest["max_proposals"])
+    teacher = TeacherSource.from_artifact(inputs["teacher"]).load()
+    phase2 = _student(inputs["prompt_kd"])
+    rpn = inputs["rpn"].manifest
+    models = [Segmenter("teacher", teacher), Segmenter("encoder_kd", _student(inputs["encoder_kd"])),
+              Segmenter("prompt_kd", phase2)]
+    with_prior = Segmenter(RPN_MODEL, phase2, load_rpn(inputs["rpn"].path / rpn["rpn"]), k=rpn["k"],
+                           score_threshold=rpn["score_threshold"], max_proposals=rpn["max_proposals"])
     protocol = EvalProtocol(cfg.point_mode, cfg.point_outputs, cfg.multimask_select, cfg.refine_iters)
     limits = {"max_images": cfg.max_images, "max_annotations": cfg.max_annotations_per_image}
 
-    records: list[IoURecord] = []
-    overlays: list[Overlay] = []
     log.info("evaluating %s on the SA-1B-format val shards", ", ".join(m.name for m in models))
     sa1b = shard_items(list_shards(inputs["shard"].path, "val"), **limits)
-    found, overlays = evaluate(models, sa1b, "sa1b", protocol, runtime.seed, overlays=cfg.overlay_images)
-    records += found
+    records, overlays = evaluate(models, sa1b, "sa1b", protocol, runtime.seed, overlays=cfg.overlay_images)
     data = inputs["data"].manifest
     coco_sets = {"coco": (data["coco_val"], data["coco_images"])} | {k: tuple(map(str, v)) for k, v in cfg.extra_sets.items()}
-    for name, (annotations, images) in coco_sets.items():
-        log.info("evaluating %s on %s (%s), RPN off and on", ", ".join(m.name for m in models), name, annotations)
-        found, _ = evaluate([*models, with_prior], coco_items(annotations, images, **limits), name, protocol, runtime.seed)
-        records += found
+    for name, (annotation_file, images) in coco_sets.items():
+        log.info("evaluating %s on %s (%s), RPN off and on", ", ".join(m.name for m in models), name, annotation_file)
+        records += evaluate([*models, with_prior], coco_items(annotation_file, images, **limits), name, protocol,
+                            runtime.seed)[0]
     miou = summarize(records)
 
     log.info("measuring speed (%d repeats)", cfg.speed_repeats)
     speed = {m.name: model_speed(m.sam, cfg.speed_repeats) for m in models}
-    speed[RPN_MODEL] = model_speed(phase2, cfg.speed_repeats, rpn)
-    point_off = miou["coco"]["prompt_kd"]["point"]["all"]
-    point_on = miou["coco"][RPN_MODEL]["point"]["all"]
+    speed[RPN_MODEL] = model_speed(phase2, cfg.speed_repeats, with_prior.rpn)
+    prior = {"k": rpn["k"], "proposals": rpn["proposals"], "point_miou_off": miou["coco"]["prompt_kd"]["point"]["all"],
+             "point_miou_on": miou["coco"][RPN_MODEL]["point"]["all"]}
     metrics = {
-        "protocol": asdict(protocol),
-        "miou": miou,
-        "speed": speed,
-        "machine": _machine(),
-        "granularity_prior": {
-            "k": rpn_manifest["k"], "proposals": rpn_manifest["proposals"],
-            "point_miou_off": point_off, "point_miou_on": point_on,
-        },
+        "protocol": asdict(protocol), "miou": miou, "speed": speed, "granularity_prior": prior,
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s)",
         "headline": {
             "label": "SA-1B val mIoU (box and point prompts, mean)",
             "miou": {name: (v["box"]["all"] + v["point"]["all"]) / 2 for name, v in miou["sa1b"].items()},
@@ -92,16 +81,11 @@ def run(cfg: EvaluateConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact]
     }
     write_json_atomic(out / METRICS_FILE, metrics)
     files = write_report(metrics, overlays, out)
-    log.info("COCO point mIoU: RPN off %.3f, on %.3f; SA-1B box mIoU teacher %.3f, prompt_kd %.3f", point_off,
-             point_on, miou["sa1b"]["teacher"]["box"]["all"], miou["sa1b"]["prompt_kd"]["box"]["all"])
-    return {
-        "metrics": METRICS_FILE,
-        "report": "report.md",
-        "files": [METRICS_FILE, *files],
-        "miou": miou,
-        "speed": speed,
-        "granularity_prior": metrics["granularity_prior"],
-    }
+    log.info("COCO point mIoU: RPN off %.3f, on %.3f; SA-1B box mIoU teacher %.3f, prompt_kd %.3f",
+             prior["point_miou_off"], prior["point_miou_on"], miou["sa1b"]["teacher"]["box"]["all"],
+             miou["sa1b"]["prompt_kd"]["box"]["all"])
+    return {"metrics": METRICS_FILE, "report": "report.md", "files": [METRICS_FILE, *files], "miou": miou,
+            "speed": speed, "granularity_prior": prior}
 
 
 if __name__ == "__main__":

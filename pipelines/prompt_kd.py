@@ -1,41 +1,26 @@
 """Stage `prompt_kd`: EdgeSAM phase 2, prompt-in-the-loop distillation.
 
-Starts from the phase-1 student (decoder copied from the teacher), decodes the same box or
-point prompts with the student (its encoder on the image) and the frozen teacher (its
-stored embedding), trains on Dice + BCE to the teacher's masks with points added where the
-two disagree, and saves `student.pt`. The manifest puts the phase-2 student's val mIoU
-beside the teacher's and the phase-1 student's (from the encoder_kd manifest).
+Trains `edgesam.tasks.prompt_kd.PromptKDTask` from the phase-1 student, then puts the phase-2
+student's val mIoU beside the teacher's and the phase-1 student's (measured again when
+phase 1 used other val images).
 """
 
 from __future__ import annotations
 
 import logging
-import random
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Any, Iterable
-
-import torch
-from segment_anything.modeling import Sam
-from torch import nn
+from typing import Any
 
 from edgesam.artifacts import Artifact
 from edgesam.config import PromptKDConfig, RuntimeConfig
-from edgesam.data.shards import Sample, SampleDataset
-from edgesam.distill import prompt_in_the_loop_loss
-from edgesam.models.edgesam import load_edgesam, save_edgesam
-from edgesam.prompts import Prompts, choose_prompt_kind, gt_boxes, gt_points, sample_annotations
+from edgesam.data.shards import list_shards
+from edgesam.eval.datasets import shard_items
+from edgesam.eval.miou import compare_with_teacher
+from edgesam.models.edgesam import load_edgesam
+from edgesam.models.teacher import TeacherSource
+from edgesam.tasks.data import EmbedShards
+from edgesam.tasks.prompt_kd import STUDENT_FILE, PromptKDTask
 from edgesam.train import fit, training_summary
-from pipelines.encoder_kd import (
-    STUDENT_FILE,
-    embed_inputs,
-    embedding_example,
-    evaluate_val,
-    load_teacher_model,
-    loader,
-)
-from pipelines.teacher import load_teacher_artifact
 
 STAGE = "prompt_kd"
 UPSTREAM = ("embed", "teacher", "encoder_kd")
@@ -43,127 +28,23 @@ UPSTREAM = ("embed", "teacher", "encoder_kd")
 log = logging.getLogger("edgesam.pipelines.prompt_kd")
 
 
-class PromptKDModel(nn.Module):
-    """The student being trained beside the frozen teacher's prompt encoder and mask decoder.
-
-    The teacher's image encoder is dropped: its embeddings are stored in the embed shards.
-    """
-
-    def __init__(self, student: Sam, teacher: Sam):
-        super().__init__()
-        teacher.image_encoder = nn.Identity()
-        self.student = student
-        self.teacher = teacher.requires_grad_(False)
-
-
-def prompt_example(sample: Sample, img_size: int, max_prompts: int, seed: int, epoch: int) -> dict[str, Any] | None:
-    """A phase-1 example plus up to `max_prompts` annotations' boxes and points in the input
-    frame (the step picks one kind), drawn per (seed, epoch, image); None without annotations."""
-    if not sample.annotations:
-        return None
-    example = embedding_example(sample, img_size, valid_stride=4)
-    chosen = sample_annotations(len(sample.annotations), max_prompts, random.Random(f"{seed}/{epoch}/{sample.key}"))
-    picked = [sample.annotations[i] for i in chosen]
-    scale = img_size / max(sample.hw)
-    points, labels = gt_points(picked, scale)
-    example["prompts"] = {"boxes": gt_boxes(picked, scale), "points": points, "labels": labels}
-    return example
-
-
-def collate_prompts(examples: list[dict[str, Any] | None]) -> dict[str, Any]:
-    """Stack tensors; keep the per-image prompt dicts as a list."""
-    examples = [e for e in examples if e is not None]
-    if not examples:
-        raise ValueError("a prompt_kd batch has no image with annotations")
-    batch = {k: torch.stack([e[k] for e in examples]) for k in ("image", "teacher_emb", "valid")}
-    batch["prompts"] = [e["prompts"] for e in examples]
-    return batch
-
-
-@dataclass
-class PromptKDTask:
-    """Phase 2 as a `TrainTask`."""
-
-    cfg: PromptKDConfig
-    img_size: int
-    shards: list[str]
-    samples: int
-    student_checkpoint: str
-    teacher_kind: str
-    teacher_checkpoint: str
-    seed: int = 0
-
-    def build_model(self) -> nn.Module:
-        teacher = load_teacher_model(self.teacher_kind, self.teacher_checkpoint)
-        return PromptKDModel(load_edgesam(self.student_checkpoint), teacher)
-
-    def parameters(self, model: nn.Module) -> Iterable[nn.Parameter]:
-        student = model.student
-        frozen = [
-            (student.image_encoder, self.cfg.freeze_encoder),
-            (student.prompt_encoder, self.cfg.freeze_prompt_encoder),
-            (student.mask_decoder, self.cfg.freeze_decoder),
-        ]
-        params = [p for module, freeze in frozen if not freeze for p in module.parameters()]
-        if not params:
-            raise ValueError("prompt_kd: encoder, prompt encoder and decoder are all frozen; nothing to train")
-        return params
-
-    def num_samples(self) -> int:
-        return self.samples
-
-    def batches(self, rank: int, world_size: int, epoch: int, batch_size: int) -> Iterable[Any]:
-        transform = partial(
-            prompt_example, img_size=self.img_size, max_prompts=self.cfg.max_prompts, seed=self.seed, epoch=epoch
-        )
-        dataset = SampleDataset(self.shards, transform, shuffle=True, seed=self.seed, rank=rank, world_size=world_size)
-        dataset.set_epoch(epoch)
-        return loader(dataset, batch_size, self.cfg.train.loader_workers, self.seed + epoch, collate_prompts)
-
-    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        with torch.set_grad_enabled(not self.cfg.freeze_encoder):
-            student_emb = model.student.image_encoder(batch["image"])
-        kind = choose_prompt_kind(self.cfg.prompt_types, self.cfg.box_prob)
-        prompts = [
-            Prompts(boxes=p["boxes"]) if kind == "box" else Prompts(p["points"], p["labels"])
-            for p in batch["prompts"]
-        ]
-        loss, metrics = prompt_in_the_loop_loss(
-            model.student, model.teacher, student_emb, batch["teacher_emb"], prompts, batch["valid"], self.cfg
-        )
-        return loss, {**metrics, "box_steps": float(kind == "box")}
-
-    def batch_size_of(self, batch: dict[str, Any]) -> int:
-        return len(batch["image"])
-
-    def save(self, model: nn.Module, out_dir: Path) -> dict[str, Any]:
-        save_edgesam(model.student, Path(out_dir) / STUDENT_FILE, stage=STAGE)
-        return {"student": STUDENT_FILE}
-
-
 def run(cfg: PromptKDConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     embed, phase1 = inputs["embed"], inputs["encoder_kd"]
-    img_size, shards, samples = embed_inputs(embed)
-    phase1_manifest = phase1.manifest
-    teacher, teacher_checkpoint = load_teacher_artifact(inputs["teacher"])  # verifies its sha256
-    task = PromptKDTask(cfg, img_size, shards, samples, str(phase1.path / phase1_manifest["student"]),
-                        inputs["teacher"].manifest["kind"], str(teacher_checkpoint), runtime.seed)
-    summary = fit(task, cfg.train, runtime, out)
+    data = EmbedShards.from_artifact(embed)
+    teacher = TeacherSource.from_artifact(inputs["teacher"])
+    phase1_student = phase1.path / phase1.manifest["student"]
+    summary = fit(PromptKDTask.from_config(cfg, data, phase1_student, teacher, runtime.seed), cfg.train, runtime, out)
     students = {STAGE: load_edgesam(out / STUDENT_FILE)}
-    same_images = phase1_manifest["config"]["eval_images"] == cfg.eval_images
-    if not same_images:  # phase 1 was measured on other images: measure it here too
-        students["encoder_kd"] = load_edgesam(phase1.path / phase1_manifest["student"])
-    miou = evaluate_val(embed, teacher, students, cfg.eval_images)
+    same_images = phase1.manifest["config"]["eval_images"] == cfg.eval_images
+    if not same_images:
+        students["encoder_kd"] = load_edgesam(phase1_student)
+    items = shard_items(list_shards(embed.path, "val"), cfg.eval_images)
+    miou = compare_with_teacher(items, teacher.load(), students)
     if same_images:
-        miou["encoder_kd"] = phase1_manifest["miou"]["encoder_kd"]
+        miou["encoder_kd"] = phase1.manifest["miou"]["encoder_kd"]
     log.info("val mIoU: %s", miou)
-    return {
-        "student": STUDENT_FILE,
-        "img_size": img_size,
-        "train_samples": samples,
-        **training_summary(summary),
-        "miou": miou,
-    }
+    return {"student": STUDENT_FILE, "img_size": data.img_size, "train_samples": data.samples,
+            **training_summary(summary), "miou": miou}
 
 
 if __name__ == "__main__":

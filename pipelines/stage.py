@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Iterable
 
@@ -72,6 +74,36 @@ def downstream_closure(stages: Iterable[str]) -> set[str]:
     return closed
 
 
+def select(stages: Iterable[str] | None = None, force: Iterable[str] = ()) -> tuple[list[str], set[str]]:
+    """(the selected stages in DAG order, those of them to recompute: `force` and downstream)."""
+    selected = list(STAGES) if stages is None else [s for s in STAGES if s in set(stages)]
+    return selected, downstream_closure(force) & set(selected)
+
+
+def check_upstream(selected: list[str], store: ArtifactStore, planned: dict[str, PlannedStage]) -> None:
+    """Fail before running anything when a selected stage's upstream is neither selected nor committed."""
+    missing = [
+        f"{name} needs {up} ({store.artifact(up, fp).path})"
+        for name in selected
+        for up, fp in planned[name].upstream.items()
+        if up not in selected and not store.artifact(up, fp).complete
+    ]
+    if missing:
+        raise MissingUpstreamError(
+            "upstream artifacts are not committed: " + "; ".join(missing)
+            + ". Add those stages to `stages`, or run the whole flow."
+        )
+
+
+def clear_partial_writes(directory: Path) -> None:
+    """Remove the temporary files (`edgesam.artifacts.temp_path`) of an interrupted attempt."""
+    for tmp in directory.rglob(".*.tmp-*"):
+        if tmp.is_file():
+            tmp.unlink()
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def run_stage(
     name: str, cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, planned: PlannedStage | None = None
 ) -> tuple[Artifact, bool]:
@@ -98,6 +130,7 @@ def run_stage(
     if artifact.complete:  # forced: uncommit before recomputing
         artifact.manifest_path.unlink()
     artifact.path.mkdir(parents=True, exist_ok=True)
+    clear_partial_writes(artifact.path)
     log.info("stage %s: running -> %s", name, artifact.path)
     start = time.perf_counter()
     module = stage_module(name)
@@ -121,7 +154,7 @@ def run_dag(
 ) -> dict[str, tuple[Artifact, bool]]:
     """Run the DAG (or only `stages`, reading the rest from the cache) without Prefect."""
     store = store or ArtifactStore(cfg.runtime.work_dir)
-    selected = list(STAGES) if stages is None else [s for s in STAGES if s in set(stages)]
-    forced = downstream_closure(force) & set(selected)
+    selected, forced = select(stages, force)
     planned = plan(cfg)
+    check_upstream(selected, store, planned)
     return {name: run_stage(name, cfg, store, force=name in forced, planned=planned[name]) for name in selected}

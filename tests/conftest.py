@@ -15,7 +15,7 @@ def _seed() -> None:
 @pytest.fixture(scope="session")
 def tiny_sam():
     """A small SAM (ViT 64-d, 2 blocks) at 256x256 input, random weights."""
-    from edgesam.models.teacher import build_tiny_sam
+    from edgesam.models.tiny_sam import build_tiny_sam
 
     torch.manual_seed(0)
     return build_tiny_sam(img_size=256, embed_dim=64, depth=2, num_heads=4)

@@ -14,7 +14,7 @@ from edgesam.artifacts import Artifact, sha256_file
 from edgesam.config import DataConfig, RPNConfig, RuntimeConfig, ShardConfig, TrainConfig
 from edgesam.data.synth import write_benchmark
 from edgesam.models.edgesam import build_edgesam, save_edgesam
-from edgesam.models.teacher import build_tiny_sam, save_tiny_sam
+from edgesam.models.tiny_sam import build_tiny_sam, save_tiny_sam
 
 IMG = 128
 LOCAL = RuntimeConfig(num_workers=0)

@@ -6,7 +6,7 @@ import torch
 import edgesam.distill as distill
 from edgesam.config import PromptKDConfig
 from edgesam.distill import encoder_kd_loss, prompt_in_the_loop_loss, valid_on_grid
-from edgesam.models.teacher import build_tiny_sam
+from edgesam.models.tiny_sam import build_tiny_sam
 from edgesam.prompts import PAD_LABEL, Prompts
 
 IMG = 64  # embeddings 4 x 4, low-res masks 16 x 16
@@ -143,18 +143,18 @@ def test_prompt_loss_targets(teacher):
     assert binary.item() > 0 and soft.item() > 0 and binary.item() != pytest.approx(soft.item())
 
 
-def test_evaluate_prompts_against_ground_truth_and_teacher(teacher):
+def test_compare_with_teacher_against_ground_truth_and_teacher(teacher):
     import numpy as np
 
-    from edgesam.evaluation import EvalItem
-    from edgesam.prompt_eval import evaluate_prompts
+    from edgesam.eval.datasets import EvalItem
+    from edgesam.eval.miou import compare_with_teacher
 
     masks = np.zeros((2, 48, 64), dtype=bool)
     masks[0, 4:20, 4:30] = True
     masks[1, 30:44, 40:60] = True
     image = np.where(masks.any(0)[..., None], 220, 30).astype(np.uint8).repeat(3, axis=2)
     item = EvalItem("a", image, masks, np.array([[4, 4, 30, 20], [40, 30, 60, 44]], dtype=float))
-    results = evaluate_prompts([item, item], teacher, {"copy": copy.deepcopy(teacher)})
+    results = compare_with_teacher([item, item], teacher, {"copy": copy.deepcopy(teacher)})
     assert results["copy"]["box_teacher"] == 1.0 and results["copy"]["point_teacher"] == 1.0
     assert results["copy"]["box_gt"] == results["teacher"]["box_gt"]
     assert results["teacher"]["objects"] == results["copy"]["objects"] == 4

@@ -180,6 +180,30 @@ def test_full_run_commits_every_stage(first_run, work_dir):
         assert len(committed(work_dir, name)) == 1, name
 
 
+def _close(got, want, path: str = "") -> list[str]:
+    """Differences between nested metric dicts beyond float tolerance, as readable lines."""
+    if isinstance(want, dict):
+        return [d for k in want for d in _close(got.get(k) if isinstance(got, dict) else None, want[k], f"{path}.{k}")]
+    if isinstance(want, (int, float)) and isinstance(got, (int, float)):
+        return [] if abs(got - want) <= 1e-4 else [f"{path}: {got} != {want}"]
+    return [] if got == want else [f"{path}: {got!r} != {want!r}"]
+
+
+def test_smoke_metrics_match_the_recorded_run(first_run, work_dir):
+    """The smoke DAG's numbers as recorded before the library refactor (tests/data/smoke_metrics.json)."""
+    import json
+
+    def manifest(stage: str) -> dict:
+        (path,) = (work_dir / stage).glob("*/manifest.json")
+        return json.loads(path.read_text())
+
+    got = {"teacher": manifest("teacher")["val"], "encoder_kd": manifest("encoder_kd")["miou"],
+           "prompt_kd": manifest("prompt_kd")["miou"], "rpn": manifest("rpn")["proposals"],
+           "evaluate": manifest("evaluate")["miou"]}
+    want = json.loads((REPO / "tests" / "data" / "smoke_metrics.json").read_text())
+    assert not _close(got, want), "\n".join(_close(got, want))
+
+
 def test_second_run_is_cached_and_fast(stack, first_run, work_dir):
     before = {name: committed(work_dir, name) for name in STAGES}
     second = stack.run_deployment("edgesam/full", profile="smoke", work_dir=work_dir)
@@ -242,7 +266,7 @@ def test_nightly_deployment_publishes_evaluation(stack, first_run, work_dir):
     deployment = stack.client(lambda c: c.read_deployment_by_name("edgesam-eval/nightly"))
     (schedule,) = deployment.schedules
     assert schedule.active and schedule.schedule.cron == "0 2 * * *" and schedule.schedule.timezone == "UTC"
-    run = stack.run_deployment("edgesam-eval/nightly", profile="smoke", work_dir=work_dir, reevaluate="false")
+    run = stack.run_deployment("edgesam-eval/nightly", profile="smoke", work_dir=work_dir, force="[]")
     assert run["rc"] == 0, describe(run)
     artifacts = stack.client(lambda c: c.read_artifacts(artifact_filter=ArtifactFilter(
         key=ArtifactFilterKey(any_=["edgesam-eval-smoke", "edgesam-eval-smoke-metrics"]))))

@@ -17,7 +17,7 @@ from edgesam.models.edgesam import (
     save_edgesam,
 )
 from edgesam.models.student import StudentEncoder
-from edgesam.models.teacher import save_tiny_sam
+from edgesam.models.tiny_sam import save_tiny_sam
 
 
 def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from edgesam.artifacts import Artifact, ArtifactStore, sha256_file
+from edgesam.artifacts import Artifact, ArtifactStore, sha256_file, temp_path
 from edgesam.config import EmbedConfig, RuntimeConfig, load_profile
 from edgesam.data.shards import iter_raw, iter_samples, list_shards
 from edgesam.data.transforms import preprocess
-from edgesam.models.teacher import TeacherCheckpointError, build_tiny_sam, save_tiny_sam
+from edgesam.models.teacher import TeacherCheckpointError
+from edgesam.models.tiny_sam import build_tiny_sam, save_tiny_sam
 from pipelines import embed
-from pipelines.stage import run_dag
+from pipelines.stage import clear_partial_writes, run_dag
 
 # float16 keeps 11 significant bits: a stored value is within 2**-11 (relative) of the float32
 # embedding; we allow 2**-10 relative plus 1e-4 absolute for float32 batch-size effects.
@@ -93,9 +94,10 @@ def test_rerun_after_kill_recomputes_only_missing_shards(embedded):
     missing = out / "train" / "shard-000001.tar"
     expected_sha = sha256_file(missing)
     missing.unlink()
-    partial = out / "train" / ".shard-000001.tar.tmp-999"  # what a killed attempt leaves behind
+    partial = temp_path(missing)  # what a killed attempt leaves behind
     partial.write_bytes(b"partial tar")
     kept = {p: p.stat().st_mtime_ns for p in out.glob("*/shard-*.tar")}
+    clear_partial_writes(out)  # as the stage runner does before it reruns a stage
     manifest = embed.run(EmbedConfig(batch_size=3), RUNTIME, inputs, out)
     assert manifest["computed_shards"] == 1 and manifest["reused_shards"] == 3
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in kept.items())

@@ -3,6 +3,7 @@
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,11 +14,13 @@ from pycocotools import mask as mask_utils
 from edgesam.artifacts import Artifact, sha256_file
 from edgesam.config import EncoderKDConfig, RuntimeConfig, load_profile
 from edgesam.models.edgesam import build_edgesam, load_edgesam, save_edgesam
-from edgesam.models.teacher import build_tiny_sam, save_tiny_sam
+from edgesam.models.tiny_sam import build_tiny_sam, save_tiny_sam
 from edgesam.train import NonFiniteLossError, fit, last_checkpoint_path, load_checkpoint
+from edgesam.models.teacher import TeacherSource
+from edgesam.tasks.data import EmbedShards
+from edgesam.tasks.encoder_kd import EncoderKDTask
+from edgesam.tasks.prompt_kd import PromptKDTask
 from pipelines import encoder_kd, prompt_kd
-from pipelines.encoder_kd import EncoderKDTask
-from pipelines.prompt_kd import PromptKDTask
 
 IMG = 64
 BACKBONE = "mobilenetv3_small_050"  # a tiny timm CNN with stride-16 and stride-32 features
@@ -78,15 +81,22 @@ def kd_inputs(tmp_path_factory):
     return root
 
 
-def _encoder_task(root, **kw) -> EncoderKDTask:
-    return EncoderKDTask(BACKBONE, "bilinear", IMG, [str(root / "train" / "shard-000000.tar")], 6, 0,
-                         str(root / "teacher.pt"), **kw)
+def _teacher(root) -> TeacherSource:
+    return TeacherSource("synthetic", str(root / "teacher.pt"), sha256_file(root / "teacher.pt"), IMG)
 
 
-def _prompt_task(root, cls=PromptKDTask, **kw) -> PromptKDTask:
+def _data(root) -> EmbedShards:
+    return EmbedShards(IMG, [str(root / "train" / "shard-000000.tar")], 6)
+
+
+def _encoder_task(root) -> EncoderKDTask:
+    cfg = EncoderKDConfig(backbone=BACKBONE, train=SMOKE.encoder_kd.train.model_copy(update={"loader_workers": 0}))
+    return EncoderKDTask.from_config(cfg, _data(root), _teacher(root), seed=0)
+
+
+def _prompt_task(root, cls=PromptKDTask) -> PromptKDTask:
     cfg = SMOKE.prompt_kd.model_copy(update={"train": SMOKE.prompt_kd.train.model_copy(update={"loader_workers": 0})})
-    return cls(cfg, IMG, [str(root / "train" / "shard-000000.tar")], 6, str(root / "phase1.pt"),
-               "synthetic", str(root / "teacher.pt"), **kw)
+    return cls.from_config(cfg, _data(root), root / "phase1.pt", _teacher(root), seed=0)
 
 
 def _losses_on_fixed_batch(task, lr: float, steps: int = 5) -> list[float]:
@@ -186,7 +196,7 @@ def _upstream(kd_inputs, tmp_path) -> tuple[Artifact, Artifact]:
     embed.commit({"img_size": IMG, "splits": {"train": {"samples": 6}, "val": {"samples": 2}}})
     teacher = Artifact("teacher", "t", tmp_path / "teacher")
     teacher.path.mkdir()
-    teacher.commit({"kind": "synthetic", "checkpoint": str(kd_inputs / "teacher.pt"),
+    teacher.commit({"kind": "synthetic", "checkpoint": str(kd_inputs / "teacher.pt"), "img_size": IMG,
                     "sha256": sha256_file(kd_inputs / "teacher.pt")})
     return embed, teacher
 
@@ -209,6 +219,19 @@ def test_stages_write_students_and_report_miou(kd_inputs, tmp_path):
         assert entry["objects"] == 4
         assert all(0.0 <= entry[k] <= 1.0 for k in ("box_gt", "point_gt", "box_teacher", "point_teacher"))
     assert set(body2["miou"]["teacher"]) == {"box_gt", "point_gt", "objects"}
+
+
+def test_a_stage_hashes_the_teacher_checkpoint_once(kd_inputs, tmp_path, monkeypatch):
+    import edgesam.models.teacher as teacher_module
+
+    embed, teacher = _upstream(kd_inputs, tmp_path)
+    hashed = []
+    digests = teacher_module.file_digests
+    monkeypatch.setattr(teacher_module, "file_digests", lambda path, *a: hashed.append(Path(path)) or digests(path, *a))
+    train = SMOKE.encoder_kd.train.model_copy(update={"max_steps": 1, "batch_size": 2, "loader_workers": 0})
+    encoder_kd.run(EncoderKDConfig(backbone=BACKBONE, train=train, eval_images=1), LOCAL,
+                   {"embed": embed, "teacher": teacher}, tmp_path / "p1")
+    assert hashed == [kd_inputs / "teacher.pt"]
 
 
 def test_prompt_kd_measures_phase1_itself_when_evaluated_on_other_images(kd_inputs, tmp_path):

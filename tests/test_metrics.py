@@ -58,3 +58,13 @@ def test_summary_averages_per_group():
     out = summarize(records)["d"]
     assert out["a"]["box"] == {"all": 0.75, "small": 0.5, "large": 1.0, "count": 2}
     assert out["b"]["box"]["all"] == 0.25
+
+
+def test_mask_iou_counts_only_valid_pixels():
+    pred, gt = torch.zeros(2, 8, 8, dtype=torch.bool), torch.zeros(2, 8, 8, dtype=torch.bool)
+    pred[0, :, :4], gt[0, :, :2] = True, True  # IoU 0.5 everywhere, 1.0 in the left quarter
+    pred[1, :, 6:] = True  # only in the padding: an exact empty prediction inside
+    valid = torch.zeros(8, 8, dtype=torch.bool)
+    valid[:, :2] = True
+    assert mask_iou(pred, gt).tolist() == [0.5, 0.0]
+    assert mask_iou(pred, gt, valid).tolist() == [1.0, 1.0]

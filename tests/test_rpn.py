@@ -99,7 +99,7 @@ def test_rpn_stage_trains_loss_falls_and_measures_ap(rpn_inputs):
 
 
 def test_feature_cache_skips_the_frozen_encoder(student_256):
-    from pipelines.rpn import FrozenEncoderRPN
+    from edgesam.tasks.rpn import FrozenEncoderRPN
     from edgesam.models.rpn import build_rpn
 
     import copy
@@ -108,7 +108,7 @@ def test_feature_cache_skips_the_frozen_encoder(student_256):
     model = FrozenEncoderRPN(encoder, build_rpn(encoder, 16, 1), cache_features=True).train()
     assert not model.encoder.training  # frozen encoder stays in eval mode
     calls = []
-    model.encoder.register_forward_hook(lambda *args: calls.append(1))
+    model.encoder.backbone.register_forward_hook(lambda *args: calls.append(1))
     images, indices = torch.randn(2, 3, 256, 256), torch.tensor([5, 9])
     first = model.features(images, indices)
     second = model.features(torch.zeros_like(images), indices)  # served from the cache

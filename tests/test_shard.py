@@ -23,6 +23,7 @@ from edgesam.artifacts import ArtifactStore, sha256_file
 from edgesam.config import DataConfig, RuntimeConfig, ShardConfig
 from edgesam.data.shards import iter_samples, list_shards
 from edgesam.data.synth import write_benchmark
+from edgesam.data.sharding import RejectRatioError
 from pipelines import shard
 
 DATA = DataConfig(num_train=8, num_val=4, images_per_tar=2, min_side=200, max_side=320, objects_per_image=(2, 3))
@@ -180,7 +181,7 @@ def test_bad_inputs_are_rejected_with_reasons(tmp_path):
 
 def test_reject_ratio_failure(tmp_path):
     sa1b = _bad_inputs(tmp_path)
-    with pytest.raises(shard.RejectRatioError, match=r"rejected \(\d+\.\d% > max_reject_ratio 5.0%\).*corrupt JPEG"):
+    with pytest.raises(RejectRatioError, match=r"rejected \(\d+\.\d% > max_reject_ratio 5.0%\).*corrupt JPEG"):
         _run(tmp_path, sa1b, max_reject_ratio=0.05)
     assert not list((tmp_path / "out").glob("*/shard-*.tar"))
 

@@ -5,16 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from edgesam.artifacts import file_digests
 from edgesam.models import teacher
 from edgesam.models.decoding import decode
-from edgesam.models.teacher import (
-    TeacherCheckpointError,
-    build_tiny_sam,
-    load_teacher,
-    load_tiny_sam,
-    save_tiny_sam,
-    tie_cross_attention_init,
-)
+from edgesam.models.teacher import TeacherCheckpointError, load_teacher
+from edgesam.models.tiny_sam import build_tiny_sam, load_tiny_sam, save_tiny_sam, tie_cross_attention_init
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +103,7 @@ def test_load_teacher_loads_matching_state_dict(tmp_path, monkeypatch):
 def test_load_teacher_pinned_sha256(tmp_path):
     path = tmp_path / "sam.pth"
     torch.save({"x": torch.zeros(1)}, path)
-    sha256, _ = teacher.file_digests(path)
+    sha256, _ = file_digests(path)
     with pytest.raises(TeacherCheckpointError, match=f"{path} has sha256 {sha256}, expected 00ff"):
         load_teacher("vit_b", path, sha256="00ff")
     with pytest.raises(TeacherCheckpointError, match="is not a SAM vit_b checkpoint"):

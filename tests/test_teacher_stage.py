@@ -3,12 +3,15 @@ are verified with clear errors."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from edgesam.artifacts import Artifact, ArtifactStore
 from edgesam.config import RuntimeConfig, TeacherConfig, TrainConfig, load_profile
-from edgesam.models.teacher import TeacherCheckpointError, build_tiny_sam, load_tiny_sam
+from edgesam.models.teacher import TeacherCheckpointError, TeacherSource
+from edgesam.models.tiny_sam import build_tiny_sam, load_tiny_sam
 from pipelines import teacher
 from pipelines.stage import run_dag
 
@@ -38,7 +41,7 @@ def test_reference_teacher_trains_loss_falls_and_is_evaluated(shard_artifact, tm
     out = tmp_path / "teacher"
     out.mkdir()
     manifest = teacher.run(tiny_teacher_config(), LOCAL, {"shard": shard_artifact}, out)
-    losses = [h["loss"] for h in manifest["train"]["history"]]
+    losses = [h["loss"] for h in manifest["train"]["loss"]["curve"]]
     assert manifest["train"]["steps"] == 16 and len(losses) == 8
     assert sum(losses[-2:]) / 2 < 0.7 * losses[0]
     val = manifest["val"]
@@ -50,13 +53,14 @@ def test_reference_teacher_trains_loss_falls_and_is_evaluated(shard_artifact, tm
 
     artifact = Artifact("teacher", "fp", out)
     artifact.commit(manifest)
-    sam, path = teacher.load_teacher_artifact(artifact)
+    source = TeacherSource.from_artifact(artifact)
     reference = load_tiny_sam(out / "teacher.pt")
-    for (name, a), b in zip(sam.state_dict().items(), reference.state_dict().values()):
+    for (name, a), b in zip(source.load().state_dict().items(), reference.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+    path = Path(source.checkpoint)
     path.write_bytes(path.read_bytes()[:-10])  # damaged after the artifact was committed
     with pytest.raises(TeacherCheckpointError, match="changed since"):
-        teacher.load_teacher_artifact(artifact)
+        TeacherSource.from_artifact(artifact)
 
 
 def test_sam_checkpoint_missing_or_wrong_is_a_clear_error(shard_artifact, tmp_path):

@@ -16,10 +16,10 @@ import hashlib
 import io
 import json
 import math
-import os
 import re
 import tarfile
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
@@ -29,6 +29,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from edgesam.artifacts import write_json_atomic
+from edgesam.data.tars import WriteSample, tar_writer
 
 PAIR = ("jpg", "json")
 SPLITS = ("train", "val")
@@ -58,13 +59,6 @@ def longest_side_shape(height: int, width: int, size: int) -> tuple[int, int]:
     """SAM's `ResizeLongestSide.get_preprocess_shape` (same rounding), without torch."""
     scale = size * 1.0 / max(height, width)
     return int(height * scale + 0.5), int(width * scale + 0.5)
-
-
-def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    """Add a file to a tar with fixed metadata (mtime 0, root owner), for reproducible bytes."""
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(payload), 0, 0o644
-    tar.addfile(info, io.BytesIO(payload))
 
 
 def find_sources(root: str | Path, split_dirs: tuple[str, ...] = ("train", "val")) -> dict[str | None, list[Path]]:
@@ -321,31 +315,26 @@ def convert_unit(task: ConvertTask) -> dict[str, Any]:
         return json.loads(task.summary_path.read_text())
     start = time.perf_counter()
     select = make_selector(task.subset_fraction, task.subset_ids_file)
-    parts: dict[str, tuple[tarfile.TarFile, Path]] = {}
     samples = {split: 0 for split in SPLITS}
     rejected: list[dict[str, str]] = []
     dropped = 0
-    for item in iter_pairs(task.unit, select):
-        if isinstance(item, Rejected):
-            rejected.append(asdict(item))
-            continue
-        try:
-            sample, lost = convert(item, task.target_size, task.jpeg_quality)
-        except BadSample as error:
-            rejected.append(asdict(Rejected(item.source, item.key, str(error))))
-            continue
-        split = task.split or ("val" if id_fraction(item.key, "val") < task.val_fraction else "train")
-        if split not in parts:
-            tmp = task.part_path(split).with_name(f".{task.part_path(split).name}.tmp-{os.getpid()}")
-            parts[split] = (tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT), tmp)
-        tar = parts[split][0]
-        add_member(tar, f"{item.key}.jpg", sample["jpg"])
-        add_member(tar, f"{item.key}.json", sample["json"])
-        samples[split] += 1
-        dropped += lost
-    for split, (tar, tmp) in parts.items():
-        tar.close()
-        os.replace(tmp, task.part_path(split))
+    with ExitStack() as parts:  # one part tar per split, each committed when the unit is done
+        writers: dict[str, WriteSample] = {}
+        for item in iter_pairs(task.unit, select):
+            if isinstance(item, Rejected):
+                rejected.append(asdict(item))
+                continue
+            try:
+                sample, lost = convert(item, task.target_size, task.jpeg_quality)
+            except BadSample as error:
+                rejected.append(asdict(Rejected(item.source, item.key, str(error))))
+                continue
+            split = task.split or ("val" if id_fraction(item.key, "val") < task.val_fraction else "train")
+            if split not in writers:
+                writers[split] = parts.enter_context(tar_writer(task.part_path(split)))
+            writers[split](item.key, {"jpg": sample["jpg"], "json": sample["json"]})
+            samples[split] += 1
+            dropped += lost
     summary = {
         "index": task.index, "unit": str(task.unit), "samples": samples, "rejected": rejected,
         "dropped_masks": dropped, "seconds": round(time.perf_counter() - start, 3),

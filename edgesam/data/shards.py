@@ -23,7 +23,7 @@ import webdataset as wds
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from edgesam.artifacts import sha256_file
+from edgesam.artifacts import sha256_file, temp_path
 from edgesam.data.sa1b import SPLITS
 
 
@@ -86,28 +86,28 @@ def write_shards(samples: Iterable[dict[str, Any]], directory: str | Path, max_c
     """Write WebDataset samples (`{"__key__": key, ext: bytes}`) to `directory/shard-NNNNNN.tar`.
 
     Tar metadata is fixed (mtime 0, fixed owner and mode), so the same samples give
-    byte-identical shards. Each shard is written under a temporary name and renamed when
-    complete; shards of an earlier attempt that this one did not write are removed.
+    byte-identical shards. Each shard is written under a temporary name (`temp_path`) and
+    renamed when complete: ShardWriter opens and closes the files itself, so its callbacks do
+    what `atomic_path` does elsewhere. Shards of an earlier attempt that this one did not
+    write are removed.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written: list[ShardInfo] = []
-    open_files: list[Any] = []
+    open_files: list[tuple[Any, Path]] = []
     writer: wds.ShardWriter | None = None
 
-    def temporary(name: str) -> Path:
-        return Path(name).with_name(f".{Path(name).name}.tmp-{os.getpid()}")
-
     def opener(name: str) -> Any:
-        open_files.append(open(temporary(name), "wb"))
-        return open_files[-1]
+        tmp = temp_path(Path(name))
+        open_files.append((open(tmp, "wb"), tmp))
+        return open_files[-1][0]
 
     def post(name: str) -> None:
-        file = open_files.pop()
+        file, tmp = open_files.pop()
         file.flush()
         os.fsync(file.fileno())
         file.close()
-        os.replace(temporary(name), name)
+        os.replace(tmp, name)
         path = Path(name)
         written.append(ShardInfo(path, writer.count, path.stat().st_size, sha256_file(path)))
 

@@ -14,8 +14,6 @@ import hashlib
 import io
 import json
 import logging
-import os
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +24,10 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from edgesam.artifacts import write_bytes_atomic, write_text_atomic
 from edgesam.config import DataConfig
 from edgesam.data.shapes import CATEGORIES, TEMPLATES, Template, texture_fill
-from edgesam.data.sa1b import add_member
+from edgesam.data.tars import tar_writer
 
 log = logging.getLogger(__name__)
 
@@ -226,12 +225,6 @@ def generate_image(image_id: int, cfg: DataConfig) -> tuple[bytes, dict[str, Any
     return buffer.getvalue(), {"image": info, "annotations": sa1b}, coco
 
 
-def _write_atomic(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
-
-
 def _split_ids(split: str, cfg: DataConfig) -> range:
     return range(1, cfg.num_train + 1) if split == "train" else range(VAL_FIRST_ID, VAL_FIRST_ID + cfg.num_val)
 
@@ -249,20 +242,16 @@ def write_split(out: Path, split: str, cfg: DataConfig, progress: tqdm) -> tuple
     image_dir.mkdir(parents=True, exist_ok=True)
     images, annotations, masks = [], [], 0
     for index, ids in enumerate(_chunks(_split_ids(split, cfg), cfg.images_per_tar)):
-        path = tar_dir / f"sa_{index:06d}.tar"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        with tar_writer(tar_dir / f"sa_{index:06d}.tar") as write:
             for image_id in ids:
                 jpeg, record, coco = generate_image(image_id, cfg)
                 name = record["image"]["file_name"]
-                add_member(tar, name, jpeg)
-                add_member(tar, name.replace(".jpg", ".json"), json.dumps(record).encode())
-                _write_atomic(image_dir / name, jpeg)
+                write(name.removesuffix(".jpg"), {"jpg": jpeg, "json": json.dumps(record).encode()})
+                write_bytes_atomic(image_dir / name, jpeg)
                 images.append({k: record["image"][k] for k in ("width", "height", "file_name")} | {"id": image_id})
                 annotations.extend(coco)
                 masks += len(record["annotations"])
                 progress.update(1)
-        os.replace(tmp, path)
     categories = [{"id": i + 1, "name": name, "supercategory": "object"} for i, name in enumerate(CATEGORIES)]
     coco = {
         "info": {"description": f"edgesam embedded benchmark ({split})", "version": "1.0"},
@@ -310,13 +299,13 @@ def write_benchmark(out_dir: str | Path, cfg: DataConfig) -> dict[str, Any]:
     with tqdm(total=cfg.num_train + cfg.num_val, desc="synth", unit="img") as progress:
         for split in SPLITS:
             coco, masks = write_split(out, split, cfg, progress)
-            _write_atomic(annotation_dir / f"instances_{split}.json", json.dumps(coco).encode())
+            write_bytes_atomic(annotation_dir / f"instances_{split}.json", json.dumps(coco).encode())
             counts[split] = _split_stats(coco, masks)
     elapsed = time.perf_counter() - start
     total = cfg.num_train + cfg.num_val
     log.info("synth: %d images in %.1fs (%.1f img/s)", total, elapsed, total / max(elapsed, 1e-9))
     checksum = tree_checksum(out)
-    _write_atomic(out / "DATASET_CARD.md", dataset_card(cfg, counts, checksum).encode())
+    write_text_atomic(out / "DATASET_CARD.md", dataset_card(cfg, counts, checksum))
     return {
         "sa1b_dir": str(out / "sa1b"),
         "coco_train": str(annotation_dir / "instances_train.json"),

@@ -43,7 +43,7 @@ def preprocess(image: np.ndarray, img_size: int) -> tuple[torch.Tensor, tuple[in
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected a uint8 HxWx3 image, got {image.dtype} {image.shape}")
     resized = resize_image(image, img_size)
-    x = torch.as_tensor(np.ascontiguousarray(resized)).permute(2, 0, 1).float()
+    x = torch.from_numpy(np.require(resized, requirements=["C", "W"])).permute(2, 0, 1).float()
     return normalize_pad(x, img_size), (resized.shape[0], resized.shape[1])
 
 

@@ -14,22 +14,18 @@ import torch
 from segment_anything.modeling import Sam
 
 from edgesam.artifacts import atomic_torch_save
+from edgesam.data.transforms import PIXEL_MEAN, PIXEL_STD
+from edgesam.models.checkpoint import CheckpointError, read_checkpoint
+from edgesam.models.sam_parts import build_mask_decoder, build_prompt_encoder
 from edgesam.models.student import StudentEncoder, UpsampleMode
-from edgesam.models.teacher import (
-    PIXEL_MEAN,
-    PIXEL_STD,
-    TeacherCheckpointError,
-    build_mask_decoder,
-    build_prompt_encoder,
-    load_checkpoint_file,
-)
+from edgesam.models.tiny_sam import KIND as TINY_SAM
 
 CHECKPOINT_FORMAT = "edgesam"
 CHECKPOINT_VERSION = 1
 DECODER_PREFIXES = ("prompt_encoder.", "mask_decoder.")
 
 
-class EdgeSAMCheckpointError(RuntimeError):
+class EdgeSAMCheckpointError(CheckpointError):
     """An EdgeSAM checkpoint is missing, corrupt, or not an EdgeSAM checkpoint."""
 
 
@@ -90,13 +86,10 @@ def init_decoder(sam: Sam, source: Sam | str | Path) -> None:
 
 def _decoder_state_from_file(path: Path) -> tuple[dict[str, torch.Tensor], int]:
     """State dict and input size of an EdgeSAM, tiny SAM or official SAM checkpoint."""
-    try:
-        ckpt = load_checkpoint_file(path, "decoder_init")
-    except TeacherCheckpointError as exc:
-        raise EdgeSAMCheckpointError(str(exc)) from exc
+    ckpt = read_checkpoint(path, "decoder_init", EdgeSAMCheckpointError)
     if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT:
         return ckpt["state_dict"], ckpt["config"]["img_size"]
-    if isinstance(ckpt, dict) and ckpt.get("kind") == "tiny_sam":
+    if isinstance(ckpt, dict) and ckpt.get("kind") == TINY_SAM:
         return ckpt["state_dict"], ckpt["config"]["img_size"]
     if isinstance(ckpt, dict) and "image_encoder.pos_embed" in ckpt:  # official SAM layout
         return ckpt, ckpt["image_encoder.pos_embed"].shape[1] * 16
@@ -135,10 +128,7 @@ def save_edgesam(sam: Sam, path: str | Path, **meta: Any) -> None:
 def read_edgesam_checkpoint(path: str | Path) -> dict[str, Any]:
     """The raw checkpoint dict (format, version, config, meta, state_dict), validated."""
     path = Path(path)
-    try:
-        ckpt = load_checkpoint_file(path, "EdgeSAM")
-    except TeacherCheckpointError as exc:
-        raise EdgeSAMCheckpointError(str(exc)) from exc
+    ckpt = read_checkpoint(path, "EdgeSAM", EdgeSAMCheckpointError)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise EdgeSAMCheckpointError(
             f"{path} is not an EdgeSAM checkpoint (no 'format': 'edgesam'; "

@@ -1,6 +1,6 @@
 """EdgeSAM's granularity prior: a detachable region proposal network and the kNN box merge.
 
-A light FPN over the frozen student backbone's stride-8/16/32 feature maps feeds one head
+A light FPN over the frozen student's feature pyramid (stride-8/16/32 backbone maps) feeds one head
 shared across levels. The head is FCOS-like (anchor-free): at every location it predicts a
 class-agnostic objectness logit and the distances (left, top, right, bottom) to the box
 edges, in log units of the level's stride. Positives are locations near a ground-truth box
@@ -15,9 +15,8 @@ the point then go to SAM's mask decoder together.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +24,10 @@ from torch import nn
 from torchvision.ops import nms, sigmoid_focal_loss
 
 from edgesam.artifacts import atomic_torch_save
-from edgesam.models.teacher import load_checkpoint_file
+from edgesam.models.checkpoint import CheckpointError, read_checkpoint
+from edgesam.models.student import PYRAMID_STRIDES, StudentEncoder
 
-RPN_STRIDES = (8, 16, 32)
+RPN_STRIDES = PYRAMID_STRIDES
 MAX_LOG_DISTANCE = math.log(1e4)
 
 
@@ -81,47 +81,12 @@ class RPN(nn.Module):
         return list(zip(bounds[:-1], bounds[1:]))
 
 
-def backbone_levels(encoder: nn.Module, strides: Sequence[int] = RPN_STRIDES) -> tuple[list[int], list[int]]:
-    """(indices, channels) of the student backbone's last feature map at each stride."""
-    reductions = encoder.backbone.feature_info.reduction()
-    channels = encoder.backbone.feature_info.channels()
-    indices = []
-    for stride in strides:
-        found = [i for i, r in enumerate(reductions) if r == stride]
-        if not found:
-            raise ValueError(f"backbone {getattr(encoder, 'backbone_name', '?')} has no stride-{stride} features "
-                             f"(strides {reductions})")
-        indices.append(found[-1])
-    return indices, [channels[i] for i in indices]
-
-
-def build_rpn(encoder: nn.Module, channels: int = 128, num_convs: int = 2) -> RPN:
-    """An RPN sized for the backbone of a `StudentEncoder`."""
-    _, in_channels = backbone_levels(encoder)
-    return RPN(in_channels, RPN_STRIDES, channels=channels, num_convs=num_convs)
-
-
-@contextmanager
-def capture_backbone(encoder: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Collect the stride-8/16/32 backbone features of the encoder's next forward pass."""
-    indices, _ = backbone_levels(encoder)
-    captured: list[torch.Tensor] = []
-
-    def hook(module: nn.Module, args: Any, output: Sequence[torch.Tensor]) -> None:
-        captured[:] = [output[i] for i in indices]
-
-    handle = encoder.backbone.register_forward_hook(hook)
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
-
-def encode_with_features(encoder: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One encoder pass -> (image embeddings, the RPN's backbone features)."""
-    with capture_backbone(encoder) as features:
-        embeddings = encoder(images)
-    return embeddings, list(features)
+def build_rpn(encoder: StudentEncoder, channels: int = 128, num_convs: int = 2) -> RPN:
+    """An RPN over the student encoder's feature pyramid (`StudentEncoder.forward_pyramid`)."""
+    if encoder.feature_strides != RPN_STRIDES:
+        raise ValueError(f"backbone {encoder.backbone_name} has pyramid strides {encoder.feature_strides}; "
+                         f"the RPN needs {RPN_STRIDES}")
+    return RPN(encoder.feature_channels, RPN_STRIDES, channels=channels, num_convs=num_convs)
 
 
 def _locations(shape: tuple[int, int], stride: int, device: torch.device) -> torch.Tensor:
@@ -255,11 +220,15 @@ def save_rpn(rpn: RPN, path: Path, **meta: Any) -> None:
     atomic_torch_save({"kind": "rpn", "config": rpn.config, "meta": meta, "state_dict": rpn.state_dict()}, path)
 
 
+class RPNCheckpointError(CheckpointError):
+    """An RPN checkpoint is missing, corrupt or not an RPN."""
+
+
 def load_rpn(path: Path) -> RPN:
     """Rebuild an RPN saved by `save_rpn` (weights_only load)."""
-    ckpt = load_checkpoint_file(path, "RPN")
+    ckpt = read_checkpoint(path, "RPN", RPNCheckpointError)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "rpn":
-        raise ValueError(f"{path} is not an RPN checkpoint (no 'kind': 'rpn')")
+        raise RPNCheckpointError(f"{path} is not an RPN checkpoint (no 'kind': 'rpn')")
     rpn = RPN(**ckpt["config"])
     rpn.load_state_dict(ckpt["state_dict"])
     return rpn.eval()

@@ -1,7 +1,8 @@
 """EdgeSAM's student image encoder: any timm CNN backbone plus an FPN neck.
 
-The backbone keeps all of its downsampling layers (stride 32). Its stride-16 and stride-32
-feature maps are projected to 256 channels by 1x1 convolutions, the stride-32 map is
+The backbone (timm, `features_only`) returns its last feature map at strides 8, 16 and 32
+(`out_indices`): the pyramid, which the granularity-prior RPN reads too. The stride-16 and
+stride-32 maps are projected to 256 channels by 1x1 convolutions, the stride-32 map is
 upsampled x2 and added, and a SAM-style neck (1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d)
 produces the 256 x S/16 x S/16 embedding that SAM's mask decoder expects.
 """
@@ -18,6 +19,16 @@ from timm.utils import reparameterize_model
 from torch import nn
 
 UpsampleMode = Literal["bilinear", "bicubic", "nearest"]
+PYRAMID_STRIDES = (8, 16, 32)
+
+
+def pyramid_indices(backbone: str, strides: tuple[int, ...] = PYRAMID_STRIDES) -> list[int]:
+    """timm feature indices of the last map at each of `strides` that the backbone has (16, 32 required)."""
+    with torch.device("meta"):  # feature_info only: no weights allocated
+        reductions = timm.create_model(backbone, features_only=True).feature_info.reduction()
+    if 16 not in reductions or 32 not in reductions:
+        raise ValueError(f"timm backbone {backbone!r} has feature strides {reductions}; 16 and 32 are needed")
+    return [max(i for i, r in enumerate(reductions) if r == s) for s in strides if s in reductions]
 
 
 class StudentEncoder(nn.Module):
@@ -40,18 +51,13 @@ class StudentEncoder(nn.Module):
         self.img_size = img_size  # read by segment_anything's SamPredictor
         self.upsample_mode = upsample_mode
         self.fused = False
-        self.backbone = timm.create_model(backbone, pretrained=pretrained, features_only=True)
-        reductions = self.backbone.feature_info.reduction()
-        channels = self.backbone.feature_info.channels()
-        if 16 not in reductions or 32 not in reductions:
-            raise ValueError(
-                f"timm backbone {backbone!r} has feature strides {reductions}; 16 and 32 are needed"
-            )
-        # The last feature map at each stride (a stage may expose several).
-        self.index16 = max(i for i, r in enumerate(reductions) if r == 16)
-        self.index32 = max(i for i, r in enumerate(reductions) if r == 32)
-        self.lateral16 = nn.Conv2d(channels[self.index16], out_chans, kernel_size=1, bias=False)
-        self.lateral32 = nn.Conv2d(channels[self.index32], out_chans, kernel_size=1, bias=False)
+        self.backbone = timm.create_model(
+            backbone, pretrained=pretrained, features_only=True, out_indices=pyramid_indices(backbone)
+        )
+        self.feature_strides = tuple(self.backbone.feature_info.reduction())
+        self.feature_channels = tuple(self.backbone.feature_info.channels())
+        self.lateral16 = nn.Conv2d(self.feature_channels[-2], out_chans, kernel_size=1, bias=False)
+        self.lateral32 = nn.Conv2d(self.feature_channels[-1], out_chans, kernel_size=1, bias=False)
         self.neck = nn.Sequential(
             nn.Conv2d(out_chans, out_chans, kernel_size=1, bias=False),
             LayerNorm2d(out_chans),
@@ -59,12 +65,16 @@ class StudentEncoder(nn.Module):
             LayerNorm2d(out_chans),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_pyramid(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(embedding, the backbone's maps at `feature_strides`) from one pass."""
         features = self.backbone(x)
-        top = self.lateral32(features[self.index32])
+        top = self.lateral32(features[-1])
         kwargs = {} if self.upsample_mode == "nearest" else {"align_corners": False}
         top = F.interpolate(top, scale_factor=2.0, mode=self.upsample_mode, **kwargs)
-        return self.neck(self.lateral16(features[self.index16]) + top)
+        return self.neck(self.lateral16(features[-2]) + top), features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_pyramid(x)[0]
 
     def fuse(self) -> StudentEncoder:
         """Reparameterize the backbone for inference in place (conv+BN, RepVGG branches).

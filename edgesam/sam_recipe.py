@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from segment_anything.modeling import Sam
 
 from edgesam.data.shards import Sample
 from edgesam.data.transforms import preprocess, valid_mask
-from edgesam.losses import dice_loss, iou_head_loss, mask_iou_from_logits, sigmoid_focal_loss
+from edgesam.losses import dice_loss, iou_head_loss, sigmoid_focal_loss
 from edgesam.metrics import mask_iou
 from edgesam.models.decoding import decode
 from edgesam.prompts import error_region_clicks, interior_points
@@ -35,13 +35,20 @@ class RecipeWeights:
     iou: float = 1.0
 
 
-def training_example(sample: Sample, img_size: int, max_prompts: int, rng: random.Random) -> dict[str, Any] | None:
-    """Preprocessed image, up to `max_prompts` padded GT masks and their boxes (None if unannotated)."""
+def training_example(sample: Sample, img_size: int, max_prompts: int, rng: random.Random,
+                     hflip: bool = False) -> dict[str, Any] | None:
+    """Preprocessed image, up to `max_prompts` padded GT masks and their boxes (None if unannotated).
+
+    `hflip` mirrors the image, its masks and boxes (the flip augmentation of long teacher runs).
+    """
     if not sample.annotations:
         return None
-    image, (h, w) = preprocess(sample.image, img_size)
     chosen = sorted(rng.sample(range(len(sample.annotations)), min(max_prompts, len(sample.annotations))))
-    masks = torch.from_numpy(sample.masks(chosen))
+    raw, masks, boxes = sample.image, torch.from_numpy(sample.masks(chosen)), sample.boxes(chosen)
+    if hflip:
+        raw, masks = raw[:, ::-1], masks.flip(-1)
+        boxes = np.stack([sample.hw[1] - boxes[:, 2], boxes[:, 1], sample.hw[1] - boxes[:, 0], boxes[:, 3]], axis=1)
+    image, (h, w) = preprocess(np.ascontiguousarray(raw), img_size)
     scale = h / sample.hw[0]
     if masks.shape[-2:] != (h, w):
         masks = F.interpolate(masks[:, None].float(), size=(h, w), mode="bilinear")[:, 0] > 0.5
@@ -50,7 +57,7 @@ def training_example(sample: Sample, img_size: int, max_prompts: int, rng: rando
     return {
         "image": image,
         "masks": padded,
-        "boxes": torch.from_numpy(sample.boxes(chosen) * scale).float(),
+        "boxes": torch.from_numpy(boxes * scale).float(),
         "valid": valid_mask((h, w), img_size),
     }
 
@@ -93,7 +100,7 @@ def interactive_loss(
             tgt = target.expand_as(logits)
             mask_loss = weights.focal * sigmoid_focal_loss(logits, tgt, valid_grid, reduction="none") + \
                 weights.dice * dice_loss(logits, tgt, valid_grid, reduction="none")
-            actual = mask_iou_from_logits(logits, tgt, valid_grid)
+            actual = mask_iou(logits.detach() > 0, tgt > 0.5, valid_grid).to(logits.dtype)
             best = mask_loss.detach().argmin(dim=1)
             iou_loss = iou_head_loss(iou_pred, actual, reduction="none").mean(dim=1)
             image_loss = image_loss + (mask_loss[rows, best] + weights.iou * iou_loss).mean()
@@ -113,43 +120,3 @@ def interactive_loss(
     if point_ious:
         metrics["train_point_iou"] = float(np.mean(point_ious))
     return total / len(examples), metrics
-
-
-@torch.no_grad()
-def evaluate_gt_prompts(sam: Sam, samples: Iterable[Sample], img_size: int, chunk: int = 32) -> dict[str, float]:
-    """mIoU vs ground truth at each image's resolution: box prompts (1 mask) and the
-    annotation's point (best of 3 masks, and the mask SAM's IoU head picks)."""
-    sam.eval()
-    device = next(sam.parameters()).device
-    box, point_best, point_score = [], [], []
-    images = 0
-    for sample in samples:
-        if not sample.annotations:
-            continue
-        images += 1
-        x, hw = preprocess(sample.image, img_size)
-        embedding = sam.image_encoder(x[None].to(device))
-        scale = hw[0] / sample.hw[0]
-        for start in range(0, len(sample.annotations), chunk):
-            idx = list(range(start, min(start + chunk, len(sample.annotations))))
-            gt = torch.from_numpy(sample.masks(idx)).to(device)
-            boxes = torch.from_numpy(sample.boxes(idx) * scale).float().to(device)
-            low, _ = decode(sam, embedding, boxes=boxes, num_outputs=1)
-            masks = sam.postprocess_masks(low, hw, sample.hw) > sam.mask_threshold
-            box.extend(mask_iou(masks[:, 0], gt).tolist())
-            points = torch.from_numpy(sample.points(idx) * scale).float().to(device)[:, None]
-            labels = torch.ones(points.shape[:2], dtype=torch.int64, device=device)
-            low, iou_pred = decode(sam, embedding, points, labels, num_outputs=3)
-            masks = sam.postprocess_masks(low, hw, sample.hw) > sam.mask_threshold
-            ious = mask_iou(masks, gt[:, None].expand_as(masks))
-            point_best.extend(ious.max(dim=1).values.tolist())
-            point_score.extend(ious.gather(1, iou_pred.argmax(dim=1, keepdim=True).to(ious.device)).squeeze(1).tolist())
-    if not box:
-        raise ValueError("no annotated image to evaluate")
-    return {
-        "images": images,
-        "annotations": len(box),
-        "box_miou": float(np.mean(box)),
-        "point_best_of_3_miou": float(np.mean(point_best)),
-        "point_score_selected_miou": float(np.mean(point_score)),
-    }

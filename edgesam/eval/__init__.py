@@ -1,0 +1,1 @@
+"""Evaluation: one prompting engine (`engine`), its datasets, mIoU runs, proposal AP and speed."""

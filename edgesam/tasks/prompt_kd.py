@@ -1,0 +1,122 @@
+"""EdgeSAM phase 2: prompt-in-the-loop distillation of the student against the frozen teacher."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from segment_anything.modeling import Sam
+from torch import nn
+
+from edgesam.config import PromptKDConfig
+from edgesam.data.shards import Sample, SampleDataset
+from edgesam.distill import prompt_in_the_loop_loss
+from edgesam.models.edgesam import load_edgesam, save_edgesam
+from edgesam.models.teacher import TeacherSource
+from edgesam.prompts import Prompts, choose_prompt_kind, gt_boxes, gt_points, sample_annotations
+from edgesam.tasks.data import EmbedShards, embedding_example, loader
+from edgesam.tasks.encoder_kd import STUDENT_FILE
+
+
+class PromptKDModel(nn.Module):
+    """The student being trained beside the frozen teacher's prompt encoder and mask decoder.
+
+    The teacher's image encoder is dropped: its embeddings are stored in the embed shards.
+    """
+
+    def __init__(self, student: Sam, teacher: Sam):
+        super().__init__()
+        teacher.image_encoder = nn.Identity()
+        self.student = student
+        self.teacher = teacher.requires_grad_(False)
+
+
+def prompt_example(sample: Sample, img_size: int, max_prompts: int, seed: int, epoch: int) -> dict[str, Any] | None:
+    """A phase-1 example plus up to `max_prompts` annotations' boxes and points in the input
+    frame (the step picks one kind), drawn per (seed, epoch, image); None without annotations."""
+    if not sample.annotations:
+        return None
+    example = embedding_example(sample, img_size, valid_stride=4)
+    chosen = sample_annotations(len(sample.annotations), max_prompts, random.Random(f"{seed}/{epoch}/{sample.key}"))
+    picked = [sample.annotations[i] for i in chosen]
+    scale = img_size / max(sample.hw)
+    points, labels = gt_points(picked, scale)
+    example["prompts"] = {"boxes": gt_boxes(picked, scale), "points": points, "labels": labels}
+    return example
+
+
+def collate_prompts(examples: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """Stack tensors; keep the per-image prompt dicts as a list."""
+    examples = [e for e in examples if e is not None]
+    if not examples:
+        raise ValueError("a prompt_kd batch has no image with annotations")
+    batch = {k: torch.stack([e[k] for e in examples]) for k in ("image", "teacher_emb", "valid")}
+    batch["prompts"] = [e["prompts"] for e in examples]
+    return batch
+
+
+@dataclass
+class PromptKDTask:
+    """Phase 2 from the phase-1 student checkpoint (a `TrainTask`)."""
+
+    cfg: PromptKDConfig
+    data: EmbedShards
+    student_checkpoint: str
+    teacher: TeacherSource
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: PromptKDConfig, data: EmbedShards, student_checkpoint: str | Path,
+                    teacher: TeacherSource, seed: int) -> PromptKDTask:
+        return cls(cfg, data, str(student_checkpoint), teacher, seed)
+
+    def build_model(self) -> nn.Module:
+        return PromptKDModel(load_edgesam(self.student_checkpoint), self.teacher.load())
+
+    def parameters(self, model: nn.Module) -> Iterable[nn.Parameter]:
+        student = model.student
+        frozen = [
+            (student.image_encoder, self.cfg.freeze_encoder),
+            (student.prompt_encoder, self.cfg.freeze_prompt_encoder),
+            (student.mask_decoder, self.cfg.freeze_decoder),
+        ]
+        params = [p for module, freeze in frozen if not freeze for p in module.parameters()]
+        if not params:
+            raise ValueError("prompt_kd: encoder, prompt encoder and decoder are all frozen; nothing to train")
+        return params
+
+    def num_samples(self) -> int:
+        return self.data.samples
+
+    def batches(self, rank: int, world_size: int, epoch: int, batch_size: int) -> Iterable[Any]:
+        transform = partial(
+            prompt_example, img_size=self.data.img_size, max_prompts=self.cfg.max_prompts, seed=self.seed, epoch=epoch
+        )
+        dataset = SampleDataset(self.data.shards, transform, shuffle=True, seed=self.seed, rank=rank,
+                                world_size=world_size)
+        dataset.set_epoch(epoch)
+        return loader(dataset, batch_size, self.cfg.train.loader_workers, self.seed + epoch, collate_prompts)
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        with torch.set_grad_enabled(not self.cfg.freeze_encoder):
+            student_emb = model.student.image_encoder(batch["image"])
+        kind = choose_prompt_kind(self.cfg.prompt_types, self.cfg.box_prob)
+        prompts = [
+            Prompts(boxes=p["boxes"]) if kind == "box" else Prompts(p["points"], p["labels"])
+            for p in batch["prompts"]
+        ]
+        loss, metrics = prompt_in_the_loop_loss(
+            model.student, model.teacher, student_emb, batch["teacher_emb"], prompts, batch["valid"], self.cfg
+        )
+        return loss, {**metrics, "box_steps": float(kind == "box")}
+
+    def batch_size_of(self, batch: dict[str, Any]) -> int:
+        return len(batch["image"])
+
+    def save(self, model: nn.Module, out_dir: Path) -> dict[str, Any]:
+        save_edgesam(model.student, Path(out_dir) / STUDENT_FILE, stage="prompt_kd")
+        return {"student": STUDENT_FILE}
