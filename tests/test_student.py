@@ -77,3 +77,14 @@ def test_invalid_arguments():
         StudentEncoder("repvit_m1", img_size=1000)
     with pytest.raises(ValueError, match="upsample_mode"):
         StudentEncoder("repvit_m1", img_size=256, upsample_mode="area")
+
+
+def test_repvit_reads_its_pyramid_after_the_official_blocks():
+    """The official RepViT (EdgeSAM) taps stride 8/16 after the block timm starts the next stage with."""
+    from edgesam.models.student import StudentEncoder
+
+    encoder = StudentEncoder("repvit_m1", img_size=64)
+    stages = dict(encoder.backbone.named_children())
+    assert all(isinstance(stages[f"stages_{i}"].downsample.pre_block, torch.nn.Identity) for i in (1, 2, 3))
+    # RepViT-M1: 2, 2, 14, 2 blocks per timm stage; each next stage's pre_block joins the previous
+    assert [len(stages[f"stages_{i}"].blocks) for i in range(4)] == [3, 3, 15, 2]

@@ -21,7 +21,7 @@ from edgesam.models.student import StudentEncoder, UpsampleMode
 from edgesam.models.tiny_sam import KIND as TINY_SAM
 
 CHECKPOINT_FORMAT = "edgesam"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: RepViT in the official layout (models/student.py)
 DECODER_PREFIXES = ("prompt_encoder.", "mask_decoder.")
 
 

@@ -5,6 +5,11 @@ The backbone (timm, `features_only`) returns its last feature map at strides 8, 
 stride-32 maps are projected to 256 channels by 1x1 convolutions, the stride-32 map is
 upsampled x2 and added, and a SAM-style neck (1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d)
 produces the 256 x S/16 x S/16 embedding that SAM's mask decoder expects.
+
+RepViT backbones are laid out as the official RepViT and EdgeSAM read them: timm places the
+last block before each downsampling at the start of the next stage (`downsample.pre_block`);
+EdgeSAM's stride-16 (and the RPN's stride-8) features come after that block, so it is moved to
+the end of the previous stage (same weights, one block later than timm's stage outputs).
 """
 
 from __future__ import annotations
@@ -15,11 +20,26 @@ import timm
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d
+from timm.models.repvit import RepViTBlock
 from timm.utils import reparameterize_model
 from torch import nn
 
 UpsampleMode = Literal["bilinear", "bicubic", "nearest"]
 PYRAMID_STRIDES = (8, 16, 32)
+
+
+def official_repvit_layout(backbone: nn.Module) -> int:
+    """Move every RepViT stage's `downsample.pre_block` to the end of the previous stage, in
+    place (the features then equal the official RepViT's); returns the number of blocks moved."""
+    stages = [m for name, m in backbone.named_children() if name.startswith("stages")]
+    moved = 0
+    for previous, stage in zip(stages, stages[1:]):
+        downsample = getattr(stage, "downsample", None)
+        if isinstance(getattr(downsample, "pre_block", None), RepViTBlock):
+            previous.blocks.append(downsample.pre_block)
+            downsample.pre_block = nn.Identity()
+            moved += 1
+    return moved
 
 
 def pyramid_indices(backbone: str, strides: tuple[int, ...] = PYRAMID_STRIDES) -> list[int]:
@@ -54,6 +74,7 @@ class StudentEncoder(nn.Module):
         self.backbone = timm.create_model(
             backbone, pretrained=pretrained, features_only=True, out_indices=pyramid_indices(backbone)
         )
+        official_repvit_layout(self.backbone)
         self.feature_strides = tuple(self.backbone.feature_info.reduction())
         self.feature_channels = tuple(self.backbone.feature_info.channels())
         self.lateral16 = nn.Conv2d(self.feature_channels[-2], out_chans, kernel_size=1, bias=False)
