@@ -78,9 +78,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: {exc}") from exc
     if rpn is None:
         predictor = EdgeSAMPredictor(model)
-    else:  # the settings it was saved with
+    else:  # the merge rule it was saved with
         meta = torch.load(args.rpn, map_location="cpu", weights_only=True).get("meta", {})
-        predictor = EdgeSAMPredictor.with_rpn_settings(model, rpn, meta)
+        predictor = EdgeSAMPredictor(model, rpn, meta.get("merge", "official"))
     start = time.perf_counter()
     points = labels = box = None
     if args.point is not None:
@@ -91,7 +91,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if rpn is not None:
         box = predictor.prior_box(points[0])
         if box is None:
-            raise SystemExit(f"error: the RPN {args.rpn} proposed no box on this image")
+            raise SystemExit(f"error: the RPN {args.rpn} proposed no box around this click")
     # A lone point is ambiguous: take the best of SAM's three masks, as SAM recommends.
     multimask = box is None
     masks, scores, _ = predictor.predict(

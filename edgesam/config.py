@@ -113,6 +113,9 @@ class EmbedConfig(_Config):
 
 class EncoderKDConfig(_Config):
     backbone: str = "repvit_m1"  # any timm model name with features_only support
+    # ImageNet start of the backbone: false; true (timm's weights, downloaded: needs network);
+    # or the path of a local weights file of that timm model (every worker must read it).
+    pretrained: bool | Path = False
     upsample_mode: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval_images: int | None = None  # val images of the mIoU report (None: all)
@@ -125,11 +128,13 @@ class PromptKDConfig(_Config):
     prompt_types: Literal["both", "box", "point"] = "both"
     decode_iters: int = 2  # 1 = no prompt loop
     points_per_iter: int = 1
+    min_disagreement_cells: int = 10  # fewer disagreeing low-res cells: no new point (EdgeSAM)
     point_multimask: int = 4  # mask outputs for point prompts: 1, 3 or 4
     box_multimask: int = 1
     freeze_encoder: bool = False
     freeze_decoder: bool = False
     freeze_prompt_encoder: bool = True
+    freeze_iou_head: bool = True  # EdgeSAM never trains it: the scores stay the teacher's
     target: Literal["binary", "logits"] = "binary"
     dice_weight: float = 5.0
     bce_weight: float = 5.0
@@ -138,24 +143,22 @@ class PromptKDConfig(_Config):
 
 class RPNConfig(_Config):
     train: TrainConfig = Field(default_factory=TrainConfig)
-    k: int = 3  # proposals merged around a point prompt
+    merge: Literal["official", "weighted"] = "official"  # how proposals become a click's box (models/rpn.py)
     channels: int = 128  # FPN and head width
     num_convs: int = 2  # shared head tower depth
     cache_features: bool = False  # keep the frozen encoder's features in memory after epoch 1
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     huber_beta: float = 0.1
-    score_threshold: float = 0.05
-    max_proposals: int = 100
 
 
 class EvaluateConfig(_Config):
     max_images: int | None = None  # per dataset
-    point_mode: Literal["center", "random"] = "center"
-    point_outputs: Literal[1, 3, 4] = 3  # masks decoded for a single click (SAM: 3)
-    refine_iters: int = 0  # corrective clicks after the first
-    multimask_select: Literal["score", "area", "oracle"] = "score"
-    max_annotations_per_image: int = 32
+    # Prompting protocols (edgesam/eval/engine.py): "paper" is EdgeSAM's eval_mIoU.py, "sam" SAM's
+    # interactive style; every table of the report names its protocol.
+    protocols: list[Literal["paper", "sam"]] = Field(default_factory=lambda: ["paper", "sam"])
+    refine_iters: int = 3  # corrective clicks after the first prompt
+    max_annotations_per_image: int | None = 64  # SA-1B-format sets, drawn at random (EdgeSAM: 64); COCO: all
     # More COCO/LVIS-format val sets by name: (instances JSON, images directory).
     extra_sets: dict[str, tuple[Path, Path]] = Field(default_factory=dict)
     overlay_images: int = 4

@@ -118,7 +118,7 @@ def prompt_in_the_loop_loss(
             iter_iou[it] += mask_iou(s_mask, t_mask, valid[i]).float().mean().cpu()
             if it + 1 < cfg.decode_iters:
                 points, labels = disagreement_points(
-                    t_mask, s_mask, valid[i], cfg.points_per_iter, input_size, generator
+                    t_mask, s_mask, valid[i], cfg.points_per_iter, input_size, generator, cfg.min_disagreement_cells
                 )
                 current = current.with_points(points, labels)
         total = total + image_loss / cfg.decode_iters

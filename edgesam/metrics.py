@@ -48,13 +48,14 @@ def size_bucket(area: float, frame_hw: tuple[int, int]) -> str:
 
 @dataclass(frozen=True)
 class IoURecord:
-    """The IoU of one annotation under one prompt by one model on one dataset."""
+    """The IoU of one annotation (of image `image`) under one prompt by one model on one dataset."""
 
     model: str
     dataset: str
     prompt: str
     size: str
     iou: float
+    image: str = ""
 
 
 def summarize(records: Iterable[IoURecord]) -> dict[str, dict[str, dict[str, dict[str, float]]]]:

@@ -81,6 +81,7 @@ def disagreement_points(
     num_points: int,
     input_size: int,
     generator: torch.Generator | None = None,
+    min_cells: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample points uniformly from where the binarized teacher and student masks disagree.
 
@@ -89,13 +90,14 @@ def disagreement_points(
         valid: (h, w) boolean unpadded region (None: everywhere).
         num_points: points per prompt, drawn without replacement.
         input_size: side of the model's input frame the (square) grid covers.
+        min_cells: prompts whose masks disagree on fewer cells get no point (EdgeSAM: 10).
 
     Returns:
         points (N, num_points, 2) at the centres of the sampled cells in the input frame
         (pixel positions: cell (i, j) of a grid with cells of s pixels -> (j + 0.5) s - 0.5,
         (i + 0.5) s - 0.5), and labels (N, num_points): 1 where the teacher says foreground and the
         student background (false negative), 0 in the opposite case, -1 (padding, point
-        at 0,0) where fewer than `num_points` cells disagree.
+        at 0,0) where fewer than `num_points` (or than `min_cells`) cells disagree.
     """
     if teacher.shape != student.shape or teacher.dim() != 3:
         raise ValueError(f"teacher and student masks must both be (N, h, w), got {tuple(teacher.shape)} and {tuple(student.shape)}")
@@ -109,7 +111,7 @@ def disagreement_points(
     points = torch.zeros(n, num_points, 2)
     labels = torch.full((n, num_points), PAD_LABEL, dtype=torch.int64)
     cell = torch.tensor([input_size / w, input_size / h])
-    for i in torch.nonzero(counts, as_tuple=False).flatten().tolist():
+    for i in torch.nonzero(counts >= max(min_cells, 1), as_tuple=False).flatten().tolist():
         k = min(num_points, int(counts[i]))
         idx = torch.multinomial(flat[i].float().cpu(), k, replacement=False, generator=generator)
         ys, xs = idx // w, idx % w

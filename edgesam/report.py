@@ -20,7 +20,8 @@ from edgesam.metrics import SIZES  # noqa: E402
 MIOU_PLOT = "miou_by_prompt.png"
 SPEED_PLOT = "speed_vs_miou.png"
 OVERLAY_PLOT = "overlays.png"
-MODEL_ORDER = ("teacher", "encoder_kd", "prompt_kd", "prompt_kd+rpn")
+MODEL_ORDER = ("teacher", "encoder_kd", "prompt_kd", "prompt_kd+rpn:official", "prompt_kd+rpn:weighted",
+               "prompt_kd+rpn")
 DATASET_ORDER = ("sa1b", "coco")
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
 
@@ -102,20 +103,34 @@ def _ordered(names: Any, preferred: Sequence[str]) -> list[str]:
     return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
 
 
-def _prompt_order(prompt: str) -> tuple[int, str]:
-    return ({"box": 0, "point": 1}.get(prompt, 2), prompt)
+def _prompt_order(prompt: str) -> tuple[int, int]:
+    kind, _, rounds = prompt.partition("+")
+    return ({"box": 0, "point": 1}.get(kind, 2), int(rounds or 0))
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
 
 
-def miou_tables(miou: dict[str, Any]) -> list[str]:
+def describe_protocol(protocol: dict[str, Any]) -> str:
+    """One sentence on how a protocol prompts (its `EvalProtocol` fields)."""
+    first = "centre (farthest from the boundary)" if protocol["point_mode"] == "center" else "random interior pixel"
+    clicks = ("a random pixel of the error region, no mask input" if protocol["click"] == "random"
+              else "the centre of the larger error region, previous logits as mask input")
+    refined = "box and point prompts" if protocol["refine_boxes"] else "point prompts"
+    return (f"Protocol `{protocol['name']}`: box prompts from ground-truth boxes, point prompts at the mask {first}; "
+            f"{protocol['point_outputs']} mask output(s) for a click"
+            + (f" selected by {protocol['multimask_select']}" if protocol["point_outputs"] > 1 else "")
+            + f"; `+r`: {refined} after r corrective clicks, each at {clicks}.")
+
+
+def miou_tables(miou: dict[str, Any], protocol: str = "") -> list[str]:
     lines = []
     for dataset in _ordered(miou, DATASET_ORDER):
         models = {m: miou[dataset][m] for m in _ordered(miou[dataset], MODEL_ORDER)}
         prompts = sorted({p for m in models.values() for p in m}, key=_prompt_order)
-        lines += [f"### {dataset}", "", "| model | " + " | ".join(prompts) + " | annotations |",
+        title = f"### {dataset}" + (f", protocol `{protocol}`" if protocol else "")
+        lines += [title, "", "| model | " + " | ".join(prompts) + " | annotations |",
                   "|---|" + "---|" * (len(prompts) + 1)]
         for model, values in models.items():
             count = next(iter(values.values()))["count"]
@@ -148,28 +163,17 @@ def write_report(metrics: dict[str, Any], overlays: Sequence[Overlay], out: Path
     out = Path(out)
     miou, speed = metrics["miou"], metrics["speed"]
     files = [MIOU_PLOT, SPEED_PLOT]
-    plot_miou_by_prompt(miou, out / MIOU_PLOT)
     headline = metrics["headline"]
+    first = next(iter(metrics["protocols"]))
+    plot_miou_by_prompt(miou[first], out / MIOU_PLOT)
     plot_speed_vs_miou(speed, headline["miou"], out / SPEED_PLOT, headline["label"])
-    protocol = metrics["protocol"]
-    lines = [
-        "# EdgeSAM evaluation", "",
-        f"Protocol: box prompts from ground-truth boxes; point prompts at the mask "
-        f"{'centre (farthest from the boundary)' if protocol['point_mode'] == 'center' else 'random interior pixel'}, "
-        f"{protocol['point_outputs']} mask output(s) selected by {protocol['multimask_select']}; "
-        f"`point+r`: after r corrective clicks. IoU per annotation at the image's resolution, averaged.",
-        "", "## mIoU", "", *miou_tables(miou), f"![mIoU per prompt type]({MIOU_PLOT})", "",
-    ]
+    lines = ["# EdgeSAM evaluation", "", "IoU per annotation at the image's resolution, averaged over annotations.", ""]
+    for name, protocol in metrics["protocols"].items():
+        lines += [f"## mIoU, protocol `{name}`", "", describe_protocol(protocol), "", *miou_tables(miou[name], name)]
+    lines += [f"![mIoU per prompt type, protocol {first}]({MIOU_PLOT})", ""]
     prior = metrics.get("granularity_prior")
     if prior:
-        lines += [
-            "## Granularity prior (RPN)", "",
-            f"Proposals on the COCO-format val set (class-agnostic COCOeval): box AP {_fmt(prior['proposals']['ap'])}, "
-            f"AP50 {_fmt(prior['proposals']['ap50'])}, AR@100 {_fmt(prior['proposals']['ar100'])}.", "",
-            f"Point-prompt mIoU against COCO-format instance masks, k = {prior['k']}:", "",
-            "| RPN | point mIoU |", "|---|---|",
-            f"| off | {_fmt(prior['point_miou_off'])} |", f"| on | {_fmt(prior['point_miou_on'])} |", "",
-        ]
+        lines += prior_section(prior)
     lines += ["## Speed", "", f"Measured on this machine ({metrics['machine']}), PyTorch eager, batch 1; "
               "decoder: one point prompt, four mask outputs; GMACs: every operation torch.utils.flop_counter counts, "
               "FLOPs / 2 (benchmarks/speed.py also reports conv/linear-only MACs).", "", *speed_table(speed), "",
@@ -183,6 +187,28 @@ def write_report(metrics: dict[str, Any], overlays: Sequence[Overlay], out: Path
     return ["report.md", *files]
 
 
+def prior_section(prior: dict[str, Any]) -> list[str]:
+    """The report's granularity-prior section: proposal AP, point mIoU off / per merge rule, click statistics."""
+    rules = [r for r in ("official", "weighted") if r in next(iter(prior["point_miou"].values()))]
+    lines = [
+        "## Granularity prior (RPN)", "",
+        f"Proposals on the COCO-format val set (class-agnostic COCOeval, NMS 0.6, top 100): box AP "
+        f"{_fmt(prior['proposals']['ap'])}, AP50 {_fmt(prior['proposals']['ap50'])}, AR@100 "
+        f"{_fmt(prior['proposals']['ar100'])}. The bundle's rule: `{prior['merge']}` (edgesam/models/rpn.py).", "",
+        "Point-prompt mIoU against COCO-format instance masks, RPN off and with each merge rule:", "",
+        "| protocol | RPN off | " + " | ".join(rules) + " |", "|---|---|" + "---|" * len(rules),
+        *[f"| {name} | {_fmt(v['off'])} | " + " | ".join(_fmt(v[r]) for r in rules) + " |"
+          for name, v in prior["point_miou"].items()], "",
+        "First clicks and their boxes: how many got a box, and how many boxes contain their click:", "",
+        "| dataset | rule | clicks | with a box | box contains the click | box misses the click |", "|---|---|---|---|---|---|",
+    ]
+    for dataset, models in prior["clicks"].items():
+        for model, c in models.items():
+            lines.append(f"| {dataset} | {model.split(':')[-1]} | {c['clicks']} | {c['with_box']} | "
+                         f"{c['box_contains_click']} | {c['with_box'] - c['box_contains_click']} |")
+    return lines + [""]
+
+
 def model_card(config: dict[str, Any], files: dict[str, str], evaluation: dict[str, Any], parity: dict[str, Any],
                timings: dict[str, dict[str, float]], coreml: dict[str, Any]) -> str:
     """MODEL_CARD.md of an exported bundle: files, the evaluate stage's measurements, ONNX parity and latency."""
@@ -193,8 +219,8 @@ def model_card(config: dict[str, Any], files: dict[str, str], evaluation: dict[s
         "# EdgeSAM model card", "",
         f"Student: `{config['backbone']}` encoder (fused) + SAM's prompt encoder and mask decoder, "
         f"input {config['img_size']} x {config['img_size']}, distilled with prompt-in-the-loop KD (EdgeSAM, "
-        "arXiv 2312.06660). Optional granularity prior: an RPN whose k-nearest proposals around a click "
-        f"become a box prompt (k = {prior['k']}).", "",
+        "arXiv 2312.06660). Optional granularity prior: an RPN whose proposals around a click become a box "
+        f"prompt (merge rule `{prior['merge']}`).", "",
         "## Files", "",
         f"- `{files['encoder']}`: `image` (1, 3, S, S), resized so the longest side is S, normalized with mean "
         f"{list(PIXEL_MEAN)} and std {list(PIXEL_STD)}, zero-padded bottom-right -> `image_embeddings`.",
@@ -207,10 +233,9 @@ def model_card(config: dict[str, Any], files: dict[str, str], evaluation: dict[s
         f"- `{files['checkpoint']}` (`edgesam.models.edgesam.load_edgesam`), `{files['rpn']}` "
         "(`edgesam.models.rpn.load_rpn`), `config.json`.",
         f"- CoreML: {coreml.get('file', coreml.get('reason', coreml['status']))}.", "",
-        "## Measured accuracy (evaluate stage)", "", *miou_tables(evaluation["miou"]),
-        "Granularity prior on COCO-format instance masks, point prompts: mIoU "
-        f"{prior['point_miou_off']:.3f} without the RPN, {prior['point_miou_on']:.3f} with it. "
-        f"RPN proposals: box AP {prior['proposals']['ap']:.3f}, AR@100 {prior['proposals']['ar100']:.3f}.", "",
+        "## Measured accuracy (evaluate stage)", "",
+        *[line for name, m in evaluation["miou"].items() for line in miou_tables(m, name)],
+        *prior_section(prior),
         "## Speed (evaluate stage, PyTorch eager, this machine)", "", *speed_table(evaluation["speed"]), "",
         "## ONNX", "",
         f"onnxruntime vs PyTorch parity (tolerance |diff| <= {parity['atol']} + {parity['rtol']} |value|): "

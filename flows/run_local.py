@@ -24,12 +24,13 @@ def headline(metrics: dict[str, Any], export_manifest: dict[str, Any] | None = N
     """Teacher vs students: mIoU and speed from the evaluate stage's metrics.json (and the
     export stage's onnxruntime latency of the deployed student)."""
     head, speed = metrics["headline"], metrics["speed"]
+    protocol = next(iter(metrics["protocols"]))
     lines = [
         f"{'model':<12} {'mIoU':>6} {'box':>6} {'point':>6} {'enc params':>10} {'enc GMACs':>9} "
         f"{'enc ms':>8} {'dec ms':>7}",
     ]
     for name, value in sorted(head["miou"].items(), key=lambda item: item[0] != "teacher"):
-        sa1b, s = metrics["miou"]["sa1b"][name], speed[name]
+        sa1b, s = metrics["miou"][protocol]["sa1b"][name], speed[name]
         lines.append(
             f"{name:<12} {value:6.3f} {sa1b['box']['all']:6.3f} {sa1b['point']['all']:6.3f} "
             f"{s['encoder_params_m']:9.2f}M {s['encoder_gmacs']:9.2f} {s['encoder_ms']:8.1f} {s['decoder_ms']:7.1f}"

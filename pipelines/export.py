@@ -56,7 +56,7 @@ def run(cfg: ExportConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact], 
     config = {
         "model": edgesam_config(sam), "img_size": sam.image_encoder.img_size,
         "pixel_mean": list(PIXEL_MEAN), "pixel_std": list(PIXEL_STD), "mask_threshold": sam.mask_threshold,
-        "rpn": {k: rpn[k] for k in ("k", "score_threshold", "max_proposals")},
+        "rpn": {"merge": rpn["merge"]},
         "onnx": {"opset": cfg.opset, "files": ONNX_FILES, "decoder_sam_inputs": list(SAM_DECODER_INPUTS),
                  "decoder_edgesam_inputs": list(COMPACT_INPUTS)},
     }

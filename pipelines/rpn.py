@@ -41,8 +41,7 @@ def run(cfg: RPNConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact], out
     sam = load_edgesam(student)
     sam.image_encoder.fuse()
     log.info("measuring proposals on %s", coco_val)
-    detections = rpn_detections(sam, load_rpn(out / RPN_FILE), coco_val, images, cfg.score_threshold,
-                                cfg.max_proposals)
+    detections = rpn_detections(sam, load_rpn(out / RPN_FILE), coco_val, images)
     quality = class_agnostic_box_eval(coco_val, detections)
     log.info("RPN on val: box AP %.3f, AP50 %.3f, AR@100 %.3f", quality["ap"], quality["ap50"], quality["ar100"])
     return {"rpn": RPN_FILE, "student": str(student), "img_size": img_size, "train_samples": task.samples,

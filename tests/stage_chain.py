@@ -54,7 +54,7 @@ def upstream_chain(root: Path, with_rpn: bool = True) -> dict[str, Artifact]:
         from pipelines import rpn
 
         artifact = _artifact(root, "rpn")
-        cfg = RPNConfig(channels=32, num_convs=1, score_threshold=0.01, train=TrainConfig(
+        cfg = RPNConfig(channels=32, num_convs=1, train=TrainConfig(
             epochs=1, max_steps=2, batch_size=4, warmup_steps=1, log_every=1, loader_workers=0))
         artifact.commit(rpn.run(cfg, LOCAL, {"data": data, "prompt_kd": arts["prompt_kd"]}, artifact.path))
         arts["rpn"] = artifact

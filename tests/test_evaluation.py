@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -8,11 +9,12 @@ from pycocotools import mask as mask_utils
 import torch
 
 from edgesam.eval.datasets import EvalItem, coco_items
-from edgesam.eval.engine import EvalProtocol, Segmenter, center_point, corrective_click, random_point, select_masks
+from edgesam.eval.engine import (EvalProtocol, Segmenter, center_point, corrective_click, protocol, random_corrective_click,
+                                 random_point, select_masks)
 from edgesam.eval.miou import evaluate
 from edgesam.eval.speed import model_speed
 from edgesam.metrics import summarize
-from edgesam.models.rpn import build_rpn
+from edgesam.models.rpn import PRIOR_RULES, build_rpn
 
 
 def _u_shape(h: int = 60, w: int = 80) -> np.ndarray:
@@ -96,7 +98,12 @@ class _Oracle:
     def __init__(self, name: str, perfect: bool):
         self.name, self.perfect = name, perfect
 
-    def segment(self, item, protocol, clicks):
+    rpn = None
+
+    def encode(self, image):
+        return None
+
+    def segment(self, item, protocol, clicks, encoded=None, rng=None):
         pred = torch.as_tensor(item.masks if self.perfect else np.zeros_like(item.masks))
         return {"box": pred, "point": pred}
 
@@ -113,29 +120,46 @@ def _item(image: np.ndarray) -> EvalItem:
 
 
 def test_evaluate_perfect_and_empty_predictors(coffee):
-    records, overlays = evaluate([_Oracle("perfect", True), _Oracle("empty", False)], [_item(coffee)], "toy",
-                                 EvalProtocol(), overlays=1)
-    summary = summarize(records)["toy"]
+    records, overlays, _ = evaluate([_Oracle("perfect", True), _Oracle("empty", False)], [_item(coffee)], "toy",
+                                    [EvalProtocol()], overlays=1)
+    summary = summarize(records["sam"])["toy"]
     assert summary["perfect"]["point"]["all"] == 1.0 and summary["perfect"]["box"]["count"] == 3
     assert summary["empty"]["box"]["all"] == 0.0
     assert set(overlays[0].masks) == {"perfect", "empty"}
 
 
-def test_segmenter_runs_the_protocol_with_and_without_rpn(student_256, coffee):
+def test_segmenter_runs_both_protocols_with_and_without_rpn(student_256, coffee):
     item = _item(coffee)
     rpn = build_rpn(student_256.image_encoder, channels=16, num_convs=1).eval()
-    protocol = EvalProtocol(point_mode="random", multimask_select="oracle", refine_iters=2)
-    plain = Segmenter("student", student_256)
-    prior = Segmenter("student+rpn", student_256, rpn=rpn, k=3, score_threshold=0.0)
-    records, _ = evaluate([plain, prior], [item], "toy", protocol)
-    summary = summarize(records)["toy"]
+    sam_style = replace(protocol("sam", 2), point_mode="random", multimask_select="oracle")
+    rule = replace(PRIOR_RULES["weighted"], score_threshold=0.0)  # random RPN weights: keep every proposal
+    plain, prior = Segmenter("student", student_256), Segmenter("student+rpn", student_256, rpn, rule)
+    records, _, stats = evaluate([plain, prior], [item], "toy", [sam_style, protocol("paper", 2)])
+    sam, paper = summarize(records["sam"])["toy"], summarize(records["paper"])["toy"]
     for name in ("student", "student+rpn"):
-        assert set(summary[name]) == {"box", "point", "point+1", "point+2"}
-        assert all(0.0 <= r.iou <= 1.0 for r in records)
-        assert summary[name]["box"]["count"] == 3
+        assert set(sam[name]) == {"box", "point", "point+1", "point+2"}
+        assert set(paper[name]) == {"box", "box+1", "box+2", "point", "point+1", "point+2"}
+        assert all(0.0 <= r.iou <= 1.0 for r in records["sam"] + records["paper"])
+        assert sam[name]["box"]["count"] == 3
     # the prior changes the point prompt (a merged box is added), not the box prompt
-    assert summary["student"]["box"]["all"] == summary["student+rpn"]["box"]["all"]
-    assert summary["student"]["point"]["all"] != summary["student+rpn"]["point"]["all"]
+    assert sam["student"]["box"]["all"] == sam["student+rpn"]["box"]["all"]
+    assert sam["student"]["point"]["all"] != sam["student+rpn"]["point"]["all"]
+    assert stats["student+rpn"].clicks == 3 and stats["student+rpn"].with_box == 3
+
+
+def test_random_corrective_click_labels_by_the_ground_truth():
+    gt = np.zeros((20, 20), bool)
+    gt[:, :10] = True
+    pred = np.zeros_like(gt)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x, y, label = random_corrective_click(pred, gt, rng, min_pixels=10)
+        assert gt[int(y), int(x)] and label == 1  # only misses are wrong here
+    x, y, label = random_corrective_click(gt, gt, rng, min_pixels=1)
+    assert label == -1  # exact: no click
+    almost = gt.copy()
+    almost[0, :5] = False  # 5 wrong pixels, under the threshold
+    assert random_corrective_click(almost, gt, rng, min_pixels=10)[2] == -1
 
 
 def test_coco_items_read_instances_json(tmp_path, coffee):
@@ -153,9 +177,10 @@ def test_coco_items_read_instances_json(tmp_path, coffee):
             "annotations": anns, "categories": [{"id": 1, "name": "object"}]}
     (tmp_path / "instances.json").write_text(json.dumps(data))
     items = list(coco_items(tmp_path / "instances.json", tmp_path, max_annotations=2))
-    assert len(items) == 1 and items[0].masks.shape == (2, 400, 600)
-    np.testing.assert_array_equal(items[0].masks, item.masks[:2])
-    np.testing.assert_allclose(items[0].boxes, item.boxes[:2])
+    assert len(items) == 1 and items[0].masks.shape == (2, 400, 600)  # 2 of the 3, drawn at random, in order
+    kept = [next(i for i, m in enumerate(item.masks) if np.array_equal(m, got)) for got in items[0].masks]
+    assert kept == sorted(set(kept))
+    np.testing.assert_allclose(items[0].boxes, item.boxes[kept])
     lvis = {**data, "images": [{"id": 7, "coco_url": "http://images.cocodataset.org/val2017/img.jpg",
                                 "height": 400, "width": 600}]}
     (tmp_path / "lvis.json").write_text(json.dumps(lvis))
@@ -195,15 +220,28 @@ def test_evaluate_stage_writes_metrics_report_and_plots(evaluated):
     for name in manifest["files"]:
         assert (artifact.path / name).is_file() and (artifact.path / name).stat().st_size > 0
     metrics = json.loads((artifact.path / "metrics.json").read_text())
-    assert set(metrics["miou"]) == {"sa1b", "coco"}
-    assert set(metrics["miou"]["sa1b"]) == {"teacher", "encoder_kd", "prompt_kd"}
-    assert set(metrics["miou"]["coco"]) == {"teacher", "encoder_kd", "prompt_kd", "prompt_kd+rpn"}
-    for models in metrics["miou"].values():
-        for prompts in models.values():
-            assert set(prompts) == {"box", "point", "point+1"}
-            assert all(0.0 <= v["all"] <= 1.0 and 1 <= v["count"] <= 8 for v in prompts.values())
+    assert set(metrics["miou"]) == set(metrics["protocols"]) == {"paper", "sam"}
+    expected = {"paper": {"box", "box+1", "point", "point+1"}, "sam": {"box", "point", "point+1"}}
+    for name, per_dataset in metrics["miou"].items():
+        assert set(per_dataset) == {"sa1b", "coco"}
+        assert set(per_dataset["sa1b"]) == {"teacher", "encoder_kd", "prompt_kd"}
+        assert set(per_dataset["coco"]) == {"teacher", "encoder_kd", "prompt_kd", "prompt_kd+rpn:official",
+                                            "prompt_kd+rpn:weighted"}
+        for models in per_dataset.values():
+            for prompts in models.values():
+                assert set(prompts) == expected[name]
+                assert all(0.0 <= v["all"] <= 1.0 and 1 <= v["count"] <= 8 for v in prompts.values())
     prior = metrics["granularity_prior"]
-    assert prior["point_miou_off"] == metrics["miou"]["coco"]["prompt_kd"]["point"]["all"]
+    assert prior["point_miou"]["paper"]["off"] == metrics["miou"]["paper"]["coco"]["prompt_kd"]["point"]["all"]
+    assert set(prior["point_miou"]["sam"]) == {"off", "official", "weighted"}
+    clicks = prior["clicks"]["coco"]["prompt_kd+rpn:official"]
+    assert clicks["clicks"] == metrics["miou"]["sam"]["coco"]["prompt_kd"]["point"]["count"]
+    assert clicks["box_contains_click"] == clicks["with_box"]  # the official rule only keeps boxes around the click
     assert "ap" in prior["proposals"] and "rpn_ms" in metrics["speed"]["prompt_kd+rpn"]
     report = (artifact.path / "report.md").read_text()
-    assert "![overlays](overlays.png)" in report and f"{prior['point_miou_on']:.3f}" in report
+    assert "![overlays](overlays.png)" in report and "protocol `paper`" in report and "protocol `sam`" in report
+    assert f"| paper | {prior['point_miou']['paper']['off']:.3f} |" in report
+    lines = (artifact.path / "ious.jsonl").read_text().splitlines()
+    assert sum(v["count"] for m in metrics["miou"]["paper"]["coco"].values() for v in m.values()) + sum(
+        v["count"] for m in metrics["miou"]["paper"]["sa1b"].values() for v in m.values()) == sum(
+        json.loads(line)["protocol"] == "paper" for line in lines)

@@ -118,8 +118,8 @@ def test_export_stage_writes_a_checked_bundle(tmp_path):
     load_edgesam(out / manifest["checkpoint"])
     load_rpn(out / manifest["rpn"])
     config = json.loads((out / "config.json").read_text())
-    assert config["img_size"] == 128 and config["rpn"]["k"] == 3
+    assert config["img_size"] == 128 and config["rpn"]["merge"] == "official"
     card = (out / "MODEL_CARD.md").read_text()
     prior = inputs["evaluate"].manifest["granularity_prior"]
-    assert f"{prior['point_miou_off']:.3f} without the RPN" in card
+    assert f"| paper | {prior['point_miou']['paper']['off']:.3f} |" in card
     assert f"AR@100 {prior['proposals']['ar100']:.3f}" in card

@@ -67,6 +67,11 @@ def test_disagreement_points_pad_when_region_is_small_and_respect_valid():
     valid[:, 5:] = False  # the false negatives of prompt 0 lie in the padding
     _, labels = disagreement_points(teacher, student, valid, 1, 32, torch.Generator().manual_seed(0))
     assert labels.tolist() == [[PAD_LABEL], [0], [PAD_LABEL]]
+    # EdgeSAM's threshold: fewer disagreeing cells than min_cells -> no point at all
+    counts = (teacher ^ student).flatten(1).sum(1).tolist()
+    _, labels = disagreement_points(teacher, student, None, 1, 32, torch.Generator().manual_seed(0),
+                                    min_cells=counts[0])
+    assert labels[0].tolist() == [1] and labels[1].tolist() == [PAD_LABEL]
 
 
 def test_disagreement_points_rejects_mismatched_masks():

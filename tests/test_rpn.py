@@ -1,29 +1,44 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
-from edgesam.models.rpn import RPN, assign_targets, knn_merge, load_rpn, proposals, rpn_loss, save_rpn
+from edgesam.models.rpn import (PRIOR_RULES, RPN, assign_targets, contains, load_rpn, prior_boxes, proposals, rpn_loss,
+                                save_rpn)
 
 
-def test_knn_merge_weights_by_confidence():
+WEIGHTED, OFFICIAL = PRIOR_RULES["weighted"], PRIOR_RULES["official"]
+
+
+def test_weighted_merge_averages_the_nearest_by_confidence():
     boxes = torch.tensor([[0.0, 0, 10, 10], [2, 2, 14, 14], [100, 100, 120, 120]])
     scores = torch.tensor([0.75, 0.25, 1.0])
-    merged = knn_merge(torch.tensor([[6.0, 6.0]]), boxes, scores, k=2)
-    expected = 0.75 * boxes[0] + 0.25 * boxes[1]
-    torch.testing.assert_close(merged, expected[None])
-
-
-def test_knn_merge_respects_k():
-    boxes = torch.tensor([[0.0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10]])
-    scores = torch.tensor([1.0, 1.0, 1.0])
-    point = torch.tensor([[4.0, 5.0]])
-    torch.testing.assert_close(knn_merge(point, boxes, scores, k=1), boxes[:1])
-    torch.testing.assert_close(knn_merge(point, boxes, scores, k=2), boxes[:2].mean(0, keepdim=True))
+    rule = replace(WEIGHTED, k=2)
+    merged, found = prior_boxes(torch.tensor([[6.0, 6.0]]), boxes, scores, rule)
+    torch.testing.assert_close(merged, (0.75 * boxes[0] + 0.25 * boxes[1])[None])
+    assert found.tolist() == [True]
     # k beyond the proposal count uses them all; several points are merged independently
-    merged = knn_merge(torch.tensor([[4.0, 5.0], [46.0, 5.0]]), boxes, scores, k=10)
-    torch.testing.assert_close(merged, boxes.mean(0, keepdim=True).expand(2, 4))
-    assert knn_merge(point, boxes[:0], scores[:0], k=3) is None
-    with pytest.raises(ValueError):
-        knn_merge(point, boxes, scores, k=0)
+    merged, _ = prior_boxes(torch.tensor([[4.0, 5.0], [46.0, 5.0]]), boxes[:2], torch.ones(2), replace(WEIGHTED, k=10))
+    torch.testing.assert_close(merged, boxes[:2].mean(0, keepdim=True).expand(2, 4))
+    assert prior_boxes(torch.tensor([[1.0, 1.0]]), boxes[:0], scores[:0], WEIGHTED)[1].tolist() == [False]
+
+
+def test_official_merge_takes_the_best_of_the_nearest_boxes_that_contain_the_click():
+    boxes = torch.tensor([
+        [0.0, 0, 20, 20],    # contains (10, 10), centre at the click
+        [5.0, 5, 40, 40],    # contains it, farther, best score
+        [9.0, 9, 11, 11],    # contains it, nearest, low score
+        [30.0, 30, 50, 50],  # does not contain it, high score
+    ])
+    scores = torch.tensor([0.5, 0.8, 0.2, 0.99])
+    point = torch.tensor([[10.0, 10.0], [45.0, 5.0]])  # the second click lies in no box
+    merged, found = prior_boxes(point, boxes, scores, OFFICIAL)
+    assert found.tolist() == [True, False]
+    torch.testing.assert_close(merged[0], boxes[1])
+    # with k = 2 only the two nearest containing boxes compete
+    merged, _ = prior_boxes(point[:1], boxes, scores, replace(OFFICIAL, k=2))
+    torch.testing.assert_close(merged[0], boxes[0])
+    assert contains(merged, point[:1]).tolist() == [True]
 
 
 def _features(rpn: RPN, batch: int, size: int) -> list[torch.Tensor]:
@@ -65,8 +80,9 @@ def test_rpn_overfits_a_box_and_proposes_it(tmp_path):
     boxes, scores = proposals(loaded, *loaded(features), valid_hw=[(128, 128)], score_threshold=0.3)[0]
     assert len(boxes) >= 1
     assert (boxes[0] - gt[0][0]).abs().max() < 8
-    merged = knn_merge(torch.tensor([[60.0, 45.0]]), boxes, scores, k=3)
-    assert (merged[0] - gt[0][0]).abs().max() < 8
+    for rule in PRIOR_RULES.values():
+        merged, found = prior_boxes(torch.tensor([[60.0, 45.0]]), boxes, scores, rule)
+        assert found.all() and (merged[0] - gt[0][0]).abs().max() < 8
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +110,7 @@ def test_rpn_stage_trains_loss_falls_and_measures_ap(rpn_inputs):
     assert set(quality) >= {"ap", "ap50", "ar100"} and 0.0 <= quality["ap"] <= quality["ap50"] <= 1.0
     assert quality["ar100"] > 0.0
     rpn = load_rpn(out / manifest["rpn"])
-    assert torch.load(out / manifest["rpn"], weights_only=True)["meta"]["k"] == cfg.k
+    assert torch.load(out / manifest["rpn"], weights_only=True)["meta"]["merge"] == cfg.merge == "official"
     assert rpn.config["channels"] == 32
 
 

@@ -88,3 +88,32 @@ def test_repvit_reads_its_pyramid_after_the_official_blocks():
     assert all(isinstance(stages[f"stages_{i}"].downsample.pre_block, torch.nn.Identity) for i in (1, 2, 3))
     # RepViT-M1: 2, 2, 14, 2 blocks per timm stage; each next stage's pre_block joins the previous
     assert [len(stages[f"stages_{i}"].blocks) for i in range(4)] == [3, 3, 15, 2]
+
+
+def test_pretrained_backbone_from_a_local_weights_file(tmp_path):
+    """encoder_kd.pretrained = <file>: timm's own loader puts the file's weights into the backbone."""
+    import timm
+
+    from edgesam.models.student import PretrainedWeightsError, StudentEncoder
+
+    source = timm.create_model("mobilenetv3_small_050")
+    torch.nn.init.constant_(source.conv_stem.weight, 0.125)
+    path = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), path)
+    encoder = StudentEncoder("mobilenetv3_small_050", img_size=64, pretrained=path)
+    torch.testing.assert_close(encoder.backbone.conv_stem.weight, source.conv_stem.weight)
+    assert not torch.equal(StudentEncoder("mobilenetv3_small_050", img_size=64).backbone.conv_stem.weight,
+                           source.conv_stem.weight)
+    with pytest.raises(PretrainedWeightsError, match="not found"):
+        StudentEncoder("mobilenetv3_small_050", img_size=64, pretrained=tmp_path / "missing.pth")
+    torch.save({"unrelated": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(PretrainedWeightsError, match="is not a timm mobilenetv3_small_050 checkpoint"):
+        StudentEncoder("mobilenetv3_small_050", img_size=64, pretrained=tmp_path / "other.pth")
+
+
+def test_pretrained_true_without_network_says_how_to_give_a_file(monkeypatch):
+    from edgesam.models.student import PretrainedWeightsError, StudentEncoder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PretrainedWeightsError, match="set encoder_kd.pretrained to the local file path"):
+        StudentEncoder("mobilenetv3_small_050", img_size=64, pretrained=True)

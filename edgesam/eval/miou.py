@@ -3,7 +3,8 @@ own val) and against the teacher (the distillation stages' val reports)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -11,9 +12,11 @@ import torch
 from segment_anything.modeling import Sam
 from tqdm import tqdm
 
+from edgesam.data.transforms import scale_coords
 from edgesam.eval.datasets import EvalItem
-from edgesam.eval.engine import EvalProtocol, Segmenter, first_clicks
+from edgesam.eval.engine import Encoded, EvalProtocol, Segmenter, first_clicks
 from edgesam.metrics import IoURecord, mask_iou, size_bucket
+from edgesam.models.rpn import contains
 
 
 @dataclass
@@ -26,36 +29,69 @@ class Overlay:
     masks: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+@dataclass
+class PriorStats:
+    """How often the granularity prior gave a click a box, and a box that contains the click."""
+
+    clicks: int = 0
+    with_box: int = 0
+    box_contains_click: int = 0
+
+
 def evaluate(
     segmenters: Sequence[Segmenter],
     items: Iterable[EvalItem],
     dataset: str,
-    protocol: EvalProtocol,
+    protocols: Sequence[EvalProtocol],
     seed: int = 0,
     overlays: int = 0,
-) -> tuple[list[IoURecord], list[Overlay]]:
-    """Run every model on every item with the same clicks; IoU records against ground truth,
-    and point-prompt overlays of the first `overlays` images (their largest object)."""
-    records: list[IoURecord] = []
+) -> tuple[dict[str, list[IoURecord]], list[Overlay], dict[str, PriorStats]]:
+    """Run every model under every protocol on every item (one encoder pass per model and
+    image, the same first clicks for every model): IoU records against ground truth by
+    protocol name, point-prompt overlays of the first `overlays` images (their largest object,
+    first protocol), and the prior's statistics of the models with an RPN."""
+    records: dict[str, list[IoURecord]] = {p.name: [] for p in protocols}
     shown: list[Overlay] = []
+    stats = {s.name: PriorStats() for s in segmenters if s.rpn is not None}
     for index, item in enumerate(tqdm(items, desc=f"evaluate {dataset}", unit="img", mininterval=5.0)):
         if len(item.masks) == 0:
             continue
         sizes = [size_bucket(float(m.sum()), item.image.shape[:2]) for m in item.masks]
-        clicks = first_clicks(item, protocol.point_mode, np.random.default_rng([seed, index]))
+        clicks = {p.name: first_clicks(item, p.point_mode, np.random.default_rng([seed, index])) for p in protocols}
         largest = int(np.argmax(item.masks.reshape(len(item.masks), -1).sum(1)))
-        overlay = Overlay(item.image, item.masks[largest], tuple(clicks[largest])) if index < overlays else None
+        first = clicks[protocols[0].name]
+        overlay = Overlay(item.image, item.masks[largest], tuple(first[largest])) if index < overlays else None
         gt = torch.as_tensor(item.masks)
         for segmenter in segmenters:
-            masks = segmenter.segment(item, protocol, clicks)
-            for prompt, predicted in masks.items():
-                ious = mask_iou(predicted.cpu(), gt).numpy()
-                records += [IoURecord(segmenter.name, dataset, prompt, s, float(v)) for s, v in zip(sizes, ious)]
-            if overlay is not None:
-                overlay.masks[segmenter.name] = masks["point"][largest].cpu().numpy()
+            encoded = segmenter.encode(item.image)
+            for number, protocol in enumerate(protocols):
+                masks = segmenter.segment(item, protocol, clicks[protocol.name], encoded,
+                                          np.random.default_rng([seed, index, number]))
+                for prompt, predicted in masks.items():
+                    ious = mask_iou(predicted.cpu(), gt).numpy()
+                    records[protocol.name] += [IoURecord(segmenter.name, dataset, prompt, s, float(v), item.image_id)
+                                               for s, v in zip(sizes, ious)]
+                if overlay is not None and number == 0:
+                    overlay.masks[segmenter.name] = masks["point"][largest].cpu().numpy()
+            if segmenter.name in stats:
+                _count_prior(stats[segmenter.name], segmenter, encoded, item, first)
         if overlay is not None:
             shown.append(overlay)
-    return records, shown
+    return records, shown, stats
+
+
+def records_jsonl(records: dict[str, list[IoURecord]]) -> str:
+    """One JSON line per annotation IoU, with its protocol: the raw material of intervals."""
+    return "".join(json.dumps({"protocol": name, **asdict(r)}) + "\n" for name, rs in records.items() for r in rs)
+
+
+def _count_prior(stats: PriorStats, segmenter: Segmenter, encoded: Encoded, item: EvalItem, clicks: np.ndarray) -> None:
+    points = torch.as_tensor(scale_coords(clicks, item.image.shape[:2], segmenter.img_size), dtype=torch.float32,
+                             device=segmenter.sam.device)
+    boxes, found = segmenter.prior(encoded, points)
+    stats.clicks += len(points)
+    stats.with_box += int(found.sum())
+    stats.box_contains_click += int((found & contains(boxes, points)).sum())
 
 
 def compare_with_teacher(

@@ -11,8 +11,8 @@ from segment_anything.modeling import Sam
 from tqdm import tqdm
 
 from edgesam.data.coco import load_coco, quiet, read_image
-from edgesam.eval.engine import Segmenter
-from edgesam.models.rpn import RPN
+from edgesam.data.transforms import preprocess
+from edgesam.models.rpn import RPN, proposals
 
 BOX_METRICS = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "ar1", "ar10", "ar100")
 
@@ -23,18 +23,21 @@ def _to_original(boxes: torch.Tensor, original_hw: tuple[int, int], resized_hw: 
     return boxes.cpu().numpy() * np.array([sx, sy, sx, sy])
 
 
+@torch.no_grad()
 def rpn_detections(sam: Sam, rpn: RPN, annotation_file: str | Path, images_dir: str | Path,
-                   score_threshold: float = 0.05, max_proposals: int = 100) -> list[dict]:
-    """Proposals on every image of a COCO-format JSON, as COCO results (xywh, original frame)."""
+                   score_threshold: float = 0.05, max_proposals: int = 100, nms_iou: float = 0.6) -> list[dict]:
+    """Proposals on every image of a COCO-format JSON, decoded as detections (NMS'd, at most
+    `max_proposals`), as COCO results (xywh, original frame)."""
     coco = load_coco(annotation_file)
     category = min(coco.getCatIds(), default=1)
-    segmenter = Segmenter("rpn", sam, rpn, score_threshold=score_threshold, max_proposals=max_proposals)
+    size = sam.image_encoder.img_size
     results = []
     for image_id in tqdm(sorted(coco.getImgIds()), desc="proposals", mininterval=2.0):
         image = read_image(coco, image_id, annotation_file, images_dir)
-        encoded = segmenter.encode(image)
-        boxes, scores = encoded.proposals
-        xyxy = _to_original(boxes, image.shape[:2], encoded.hw)
+        x, hw = preprocess(image, size)
+        _, features = sam.image_encoder.forward_pyramid(x[None].to(sam.device))
+        boxes, scores = proposals(rpn, *rpn(features), [hw], score_threshold, max_proposals, nms_iou=nms_iou)[0]
+        xyxy = _to_original(boxes, image.shape[:2], hw)
         for (x0, y0, x1, y1), score in zip(xyxy.tolist(), scores.tolist()):
             results.append({"image_id": image_id, "category_id": category, "bbox": [x0, y0, x1 - x0, y1 - y0],
                             "score": score})

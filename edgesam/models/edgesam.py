@@ -34,7 +34,7 @@ def build_edgesam(
     img_size: int = 1024,
     decoder_init: Sam | str | Path | None = None,
     upsample_mode: UpsampleMode = "bilinear",
-    pretrained_backbone: bool = False,
+    pretrained_backbone: bool | str | Path = False,
 ) -> Sam:
     """Build an EdgeSAM model (in eval mode).
 
@@ -44,7 +44,7 @@ def build_edgesam(
         decoder_init: a teacher `Sam`, or a path to an EdgeSAM or SAM checkpoint, whose
             prompt encoder and mask decoder weights are copied; None leaves them random.
         upsample_mode: how the FPN upsamples the stride-32 map.
-        pretrained_backbone: load timm's ImageNet weights (needs network access).
+        pretrained_backbone: timm's ImageNet weights: True downloads them (network), a path loads that file.
     """
     sam = Sam(
         image_encoder=StudentEncoder(

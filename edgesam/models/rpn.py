@@ -7,14 +7,20 @@ edges, in log units of the level's stride. Positives are locations near a ground
 centre (centre sampling, radius 1.5 strides) whose box size falls in the level's range;
 objectness is trained with sigmoid focal loss, boxes with the Huber (smooth L1) loss.
 
-At predict time a point prompt takes the k proposals whose centres are nearest to it and
-merges them into one box, averaging their coordinates weighted by confidence; the box and
-the point then go to SAM's mask decoder together.
+At predict time a point prompt gets a box from the proposals by one of two rules
+(`PRIOR_RULES`), and the box and the point go to SAM's mask decoder together:
+
+* ``official`` (EdgeSAM's `eval_mIoU.py`): proposals scoring above 0.1, no NMS; of those that
+  contain the click, the 5 with the nearest centres; the best-scoring of them is the box. No
+  proposal contains the click: no box (the point alone).
+* ``weighted`` (this project's earlier rule): NMS'd proposals above 0.05, the 3 with centres
+  nearest to the click merged by a confidence-weighted mean (may not contain the click).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -171,11 +177,12 @@ def proposals(
     deltas: Sequence[torch.Tensor],
     valid_hw: Sequence[tuple[int, int]],
     score_threshold: float = 0.05,
-    max_proposals: int = 100,
+    max_proposals: int | None = 100,
     pre_nms_top: int = 1000,
-    nms_iou: float = 0.6,
+    nms_iou: float | None = 0.6,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Decode per image (boxes (M, 4) xyxy clipped to the valid region, scores (M,)), NMS'd."""
+    """Decode per image (boxes (M, 4) xyxy clipped to the valid region, scores (M,)), best first;
+    class-agnostic NMS across levels unless `nms_iou` is None, at most `max_proposals` if set."""
     out = []
     shapes = [tuple(t.shape[-2:]) for t in logits]
     device = logits[0].device
@@ -192,27 +199,68 @@ def proposals(
         boxes = torch.cat([xy - dist[:, :2], xy + dist[:, 2:]], dim=1)
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-        kept = nms(boxes, scores[keep], nms_iou)[:max_proposals]  # class-agnostic, across levels
+        order = nms(boxes, scores[keep], nms_iou) if nms_iou is not None else scores[keep].argsort(descending=True)
+        kept = order[:max_proposals]
         out.append((boxes[kept], scores[keep][kept]))
     return out
 
 
-def knn_merge(points: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor | None:
-    """Merge, for each point (N, 2), the k proposals whose centres are nearest into one box.
+@dataclass(frozen=True)
+class PriorRule:
+    """How proposals become the box of a click (see the module docstring)."""
 
-    The merged box is the confidence-weighted mean of those boxes' coordinates. Returns
-    (N, 4) xyxy, or None when there are no proposals.
+    score_threshold: float
+    nms_iou: float | None
+    max_proposals: int | None
+    k: int
+    merge: str  # "best": the best-scoring of the k nearest that contain the click; "weighted"
+
+
+PRIOR_RULES = {
+    "official": PriorRule(score_threshold=0.1, nms_iou=None, max_proposals=None, k=5, merge="best"),
+    "weighted": PriorRule(score_threshold=0.05, nms_iou=0.6, max_proposals=100, k=3, merge="weighted"),
+}
+
+
+def prior_proposals(rpn: RPN, features: Sequence[torch.Tensor], valid_hw: Sequence[tuple[int, int]],
+                    rule: PriorRule) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The proposals a prior rule merges, per image."""
+    return proposals(rpn, *rpn(features), valid_hw, rule.score_threshold, rule.max_proposals, nms_iou=rule.nms_iou)
+
+
+def prior_boxes(points: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor,
+                rule: PriorRule) -> tuple[torch.Tensor, torch.Tensor]:
+    """The granularity-prior box of each click: (boxes (N, 4) xyxy, found (N,) bool).
+
+    Rows without a box (no proposal, or none containing the click under the official rule)
+    are zeros with found False: decode those clicks without a box.
     """
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+    n = len(points)
+    out = torch.zeros(n, 4, device=points.device)
     if len(boxes) == 0:
-        return None
+        return out, torch.zeros(n, dtype=torch.bool, device=points.device)
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2
-    distance = torch.cdist(points.float(), centres.float())
-    nearest = distance.topk(min(k, len(boxes)), dim=1, largest=False).indices  # (N, k)
-    weights = scores[nearest].clamp(min=1e-12)  # (N, k)
-    merged = (boxes[nearest] * weights[..., None]).sum(dim=1) / weights.sum(dim=1, keepdim=True)
-    return merged
+    distance = torch.cdist(points.float(), centres.float())  # (N, M)
+    if rule.merge == "weighted":
+        nearest = distance.topk(min(rule.k, len(boxes)), dim=1, largest=False).indices  # (N, k)
+        weights = scores[nearest].clamp(min=1e-12)
+        out = (boxes[nearest] * weights[..., None]).sum(dim=1) / weights.sum(dim=1, keepdim=True)
+        return out, torch.ones(n, dtype=torch.bool, device=points.device)
+    x, y = points[:, 0:1].float(), points[:, 1:2].float()
+    inside = (boxes[:, 0] < x) & (x < boxes[:, 2]) & (boxes[:, 1] < y) & (y < boxes[:, 3])  # strict, as EdgeSAM
+    distance = distance.masked_fill(~inside, float("inf"))
+    nearest = distance.topk(min(rule.k, len(boxes)), dim=1, largest=False).indices  # (N, k)
+    candidate_scores = scores[nearest].masked_fill(~torch.isfinite(distance.gather(1, nearest)), -1.0)
+    best = nearest.gather(1, candidate_scores.argmax(dim=1, keepdim=True)).squeeze(1)
+    found = inside.any(dim=1)
+    out[found] = boxes[best[found]]
+    return out, found
+
+
+def contains(boxes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """(N,) whether each xyxy box contains its point (borders included)."""
+    x, y = points[:, 0], points[:, 1]
+    return (boxes[:, 0] <= x) & (x <= boxes[:, 2]) & (boxes[:, 1] <= y) & (y <= boxes[:, 3])
 
 
 def save_rpn(rpn: RPN, path: Path, **meta: Any) -> None:

@@ -14,6 +14,7 @@ the end of the previous stage (same weights, one block later than timm's stage o
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import timm
@@ -23,6 +24,8 @@ from segment_anything.modeling.common import LayerNorm2d
 from timm.models.repvit import RepViTBlock
 from timm.utils import reparameterize_model
 from torch import nn
+
+from edgesam.models.checkpoint import CheckpointError, check_state, read_checkpoint
 
 UpsampleMode = Literal["bilinear", "bicubic", "nearest"]
 PYRAMID_STRIDES = (8, 16, 32)
@@ -40,6 +43,32 @@ def official_repvit_layout(backbone: nn.Module) -> int:
             downsample.pre_block = nn.Identity()
             moved += 1
     return moved
+
+
+class PretrainedWeightsError(CheckpointError):
+    """The backbone's pretrained weights cannot be had: no network for timm's download, or a bad file."""
+
+
+def create_backbone(name: str, pretrained: bool | str | Path, out_indices: list[int]) -> nn.Module:
+    """timm `features_only` backbone, with timm's pretrained weights (True: downloaded; a path:
+    that local weights file, through timm's `pretrained_cfg_overlay`) or random (False)."""
+    kwargs: dict = {"features_only": True, "out_indices": out_indices}
+    if pretrained is False:
+        return timm.create_model(name, **kwargs)
+    if pretrained is True:
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as exc:  # hub unreachable, offline mode, no weights for the name
+            raise PretrainedWeightsError(
+                f"timm could not download pretrained weights for {name!r} ({type(exc).__name__}: {exc}); without "
+                "network access, download them elsewhere (e.g. the model's timm/Hugging Face file) and set "
+                "encoder_kd.pretrained to the local file path"
+            ) from exc
+    path = Path(pretrained).expanduser()
+    state = read_checkpoint(path, "pretrained backbone", PretrainedWeightsError)
+    with torch.device("meta"):  # timm's loader is lenient with stray keys: check them here
+        check_state(timm.create_model(name).state_dict(), state, path, f"timm {name}", PretrainedWeightsError)
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
 
 
 def pyramid_indices(backbone: str, strides: tuple[int, ...] = PYRAMID_STRIDES) -> list[int]:
@@ -60,7 +89,7 @@ class StudentEncoder(nn.Module):
         img_size: int = 1024,
         out_chans: int = 256,
         upsample_mode: UpsampleMode = "bilinear",
-        pretrained: bool = False,
+        pretrained: bool | str | Path = False,
     ) -> None:
         super().__init__()
         if img_size % 32:
@@ -71,9 +100,7 @@ class StudentEncoder(nn.Module):
         self.img_size = img_size  # read by segment_anything's SamPredictor
         self.upsample_mode = upsample_mode
         self.fused = False
-        self.backbone = timm.create_model(
-            backbone, pretrained=pretrained, features_only=True, out_indices=pyramid_indices(backbone)
-        )
+        self.backbone = create_backbone(backbone, pretrained, pyramid_indices(backbone))
         official_repvit_layout(self.backbone)
         self.feature_strides = tuple(self.backbone.feature_info.reduction())
         self.feature_channels = tuple(self.backbone.feature_info.channels())

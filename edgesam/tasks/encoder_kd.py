@@ -28,6 +28,7 @@ class EncoderKDTask:
 
     backbone: str
     upsample_mode: str
+    pretrained: bool | Path
     data: EmbedShards
     loader_workers: int
     teacher: TeacherSource
@@ -35,10 +36,11 @@ class EncoderKDTask:
 
     @classmethod
     def from_config(cls, cfg: EncoderKDConfig, data: EmbedShards, teacher: TeacherSource, seed: int) -> EncoderKDTask:
-        return cls(cfg.backbone, cfg.upsample_mode, data, cfg.train.loader_workers, teacher, seed)
+        return cls(cfg.backbone, cfg.upsample_mode, cfg.pretrained, data, cfg.train.loader_workers, teacher, seed)
 
     def build_model(self) -> nn.Module:
-        return StudentEncoder(self.backbone, self.data.img_size, upsample_mode=self.upsample_mode)
+        return StudentEncoder(self.backbone, self.data.img_size, upsample_mode=self.upsample_mode,
+                              pretrained=self.pretrained)
 
     def parameters(self, model: nn.Module) -> Iterable[nn.Parameter]:
         return model.parameters()

@@ -84,7 +84,8 @@ class PromptKDTask:
             (student.prompt_encoder, self.cfg.freeze_prompt_encoder),
             (student.mask_decoder, self.cfg.freeze_decoder),
         ]
-        params = [p for module, freeze in frozen if not freeze for p in module.parameters()]
+        head = {id(p) for p in student.mask_decoder.iou_prediction_head.parameters()} if self.cfg.freeze_iou_head else set()
+        params = [p for module, freeze in frozen if not freeze for p in module.parameters() if id(p) not in head]
         if not params:
             raise ValueError("prompt_kd: encoder, prompt encoder and decoder are all frozen; nothing to train")
         return params

@@ -60,7 +60,7 @@ def collate(items: list[tuple[int, torch.Tensor, torch.Tensor]]) -> dict[str, An
 
 def predict_settings(cfg: RPNConfig) -> dict[str, Any]:
     """What inference with the prior needs beyond the weights (stored in the checkpoint)."""
-    return {"k": cfg.k, "score_threshold": cfg.score_threshold, "max_proposals": cfg.max_proposals}
+    return {"merge": cfg.merge}
 
 
 @dataclass
