@@ -50,6 +50,13 @@ class RuntimeConfig(_Config):
     cpus_per_worker: int = 1  # CPU workers: Ray CPUs and torch threads per worker
     object_store_mb: int = 512  # object store of a local Ray (bounds Ray Data's memory)
     use_gpu: bool | None = None  # None: use GPUs when present
+    # Where Ray Train keeps training checkpoints: a directory every node sees (NFS) or a URI
+    # such as s3://bucket/edgesam. None: the artifact directory itself, which is only right on
+    # one machine or a shared filesystem. Final files are copied to the artifact directory anyway.
+    storage_path: str | None = None
+    # Ray Train restarts after a worker or node failure (from the latest checkpoint); -1: no
+    # limit. Node preemptions Ray detects are retried separately, without limit.
+    max_failures: int = 0
     seed: int = 0
 
 

@@ -1,4 +1,8 @@
-"""The training loop that runs on every Ray Train worker (rank 0 logs and checkpoints)."""
+"""The training loop that runs on every Ray Train worker (rank 0 logs and writes checkpoints).
+
+Checkpoints go through `ray.train.report` and come back through `ray.train.get_checkpoint`,
+so no rank ever reads another node's disk.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import contextlib
 import logging
 import math
 import random
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,11 +22,14 @@ from tqdm import tqdm
 
 from edgesam.config import TrainConfig
 from edgesam.train.checkpoint import (
-    last_checkpoint_path,
-    load_checkpoint,
+    ARTIFACT,
+    LocalRun,
+    checkpoint_dir_name,
+    load_state,
     rng_state,
-    save_checkpoint,
     set_rng_state,
+    write_artifact,
+    write_state,
 )
 from edgesam.train.schedule import build_scheduler, scaled_lr
 from edgesam.train.task import TrainTask
@@ -106,14 +114,31 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _gather(obj: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def train_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train's `train_loop_per_worker`: train `config["task"]` and return the history."""
+    """Ray Train's `train_loop_per_worker`: train `config["task"]`; report checkpoints.
+
+    Every rank resumes from the same checkpoint (`ray.train.get_checkpoint()`: the run's
+    latest, after a worker restart or a rerun with the same storage and name). Every
+    `checkpoint_every` steps and at the end, rank 0 writes the state into a temporary
+    directory and reports it; the other ranks report metrics only. The final checkpoint
+    also holds the task's files (`task.save`), which `fit` copies to the artifact directory.
+    """
     import ray.train
     import ray.train.torch
+    from ray.train import Checkpoint
 
     task: TrainTask = config["task"]
     cfg: TrainConfig = config["cfg"]
-    out_dir = Path(config["out_dir"])
+    run: str = config["run"]
+    local_run = LocalRun(run) if config["local"] else None
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
@@ -124,11 +149,17 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     _seed_everything(config["seed"])  # identical initial weights on every rank
-    model = task.build_model().to(device)
+    model = task.build_model()
     trainable = list(task.parameters(model))
     trainable_ids = {id(p) for p in trainable}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable_ids)
+
+    checkpoint = ray.train.get_checkpoint() or (local_run.latest() if local_run else None)
+    state, finished = load_state(checkpoint) if checkpoint is not None else (None, False)
+    if state is not None:
+        model.load_state_dict(state["model"])  # the same checkpoint on every rank
+    model.to(device)
     if world > 1:
         for p in model.state_dict().values():
             dist.broadcast(p, 0)
@@ -139,37 +170,51 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=cfg.weight_decay)
     scheduler = build_scheduler(optimizer, steps, cfg.warmup_steps, cfg.min_lr_ratio)
     amp = cfg.amp and device.type == "cuda"
-    ckpt_path = last_checkpoint_path(out_dir)
 
     step, history, ckpt_step = 0, [], None
-    if ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path)
-        model.load_state_dict(state["model"])
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, history, ckpt_step = state["step"], list(state["history"]), state["step"]
         set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        if step > steps or (step == steps and not finished):
+            raise ValueError(
+                f"{run}: the checkpoint at step {step} does not belong to a run of {steps} steps; "
+                "the run's name or storage is reused by another configuration"
+            )
         if is_main:
-            log.info("resuming from %s at step %d/%d", ckpt_path, step, steps)
+            log.info("resuming from %s at step %d/%d", checkpoint.path, step, steps)
+    start_step = step
 
-    def checkpoint() -> None:
+    def report(final: bool) -> None:
+        """Report a checkpoint of the current step (collective: every rank calls it)."""
         nonlocal ckpt_step
-        rngs = [None] * world
-        if world > 1:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
-        if is_main:
-            save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "rng": rngs, "history": history,
-            })
+        rngs = _gather(rng_state(), world)
+        name = checkpoint_dir_name(step)
+        metrics = {**(history[-1] if history else {}), "step": step}  # the last logged window
+        with tempfile.TemporaryDirectory() as tmp:
+            if is_main:
+                write_state(Path(tmp), {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "step": step, "rng": rngs, "history": history,
+                })
+                if final:
+                    (Path(tmp) / ARTIFACT).mkdir()
+                    write_artifact(Path(tmp), task.save(model, Path(tmp) / ARTIFACT))
+            if local_run is not None:
+                local_run.persist(Path(tmp), name)
+                ray.train.report(metrics)
+            else:
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if is_main else None,
+                                 checkpoint_dir_name=name)
         ckpt_step = step
 
     if is_main:
         log.info("%s: %d steps (%d per epoch), %d worker(s) x batch %d, peak lr %.2e, device %s%s",
                  type(task).__name__, steps, steps_per_epoch, world, cfg.batch_size, lr, device,
                  ", bf16 autocast" if amp else "")
+        if finished:
+            log.info("%s: already trained (%s)", type(task).__name__, checkpoint.path)
     model.train()
     stream = _batch_stream(task, rank, world, cfg.batch_size, steps_per_epoch, step)
     bar = tqdm(total=steps, initial=step, desc=type(task).__name__, disable=not is_main, mininterval=2.0)
@@ -184,10 +229,10 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
             loss, metrics = task.loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        loss_value = _all_reduce_grads(trainable, loss, world) if world > 1 else loss.detach()
-        loss_value = float(loss_value)
+        loss_value = float(_all_reduce_grads(trainable, loss, world) if world > 1 else loss.detach())
         if not math.isfinite(loss_value):
-            raise NonFiniteLossError(step + 1, loss_value, str(ckpt_path) if ckpt_step is not None else None, ckpt_step)
+            where = f"{run}/{checkpoint_dir_name(ckpt_step)}" if ckpt_step is not None else None
+            raise NonFiniteLossError(step + 1, loss_value, where, ckpt_step)
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         optimizer.step()
@@ -214,13 +259,10 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
                          record["lr"], record["images_per_s"])
             window_images, window_start, window_losses, window_metrics = 0, time.perf_counter(), [], {}
         if step % cfg.checkpoint_every == 0 or step == steps:
-            checkpoint()
+            report(final=step == steps)
     bar.close()
     seconds = time.perf_counter() - start
-    files = task.save(model, out_dir) if is_main else {}
-    if world > 1:
-        dist.barrier()
     return {
-        "steps": steps, "history": history, "files": files, "train_seconds": round(seconds, 2),
+        "steps": steps, "start_step": start_step, "history": history, "train_seconds": round(seconds, 2),
         "images_per_s": images_total / max(seconds, 1e-9),
     }

@@ -36,4 +36,9 @@ class TrainTask(Protocol):
         """Images in `batch` (for throughput)."""
 
     def save(self, model: nn.Module, out_dir: Path) -> dict[str, Any]:
-        """Write the final artifact files (atomically); return their manifest entries."""
+        """Write the final artifact files into `out_dir`; return their manifest entries (JSON).
+
+        Called on rank 0 only, with the final checkpoint's directory as `out_dir`: `fit`
+        copies its files into the artifact directory on the driver, so entries must name
+        files relative to `out_dir`, never by absolute path.
+        """

@@ -1,0 +1,154 @@
+"""The training engine on Ray Train with 2 CPU workers: checkpoints and final files travel
+through Ray Train's storage; a lost worker and a rerun resume from the latest checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from edgesam.config import RuntimeConfig, TrainConfig
+from edgesam.train import fit, latest_checkpoint, load_checkpoint, run_location
+from edgesam.train.checkpoint import ARTIFACT, NUM_TO_KEEP, STATE
+
+TWO = RuntimeConfig(num_workers=2, cpus_per_worker=1, object_store_mb=128, seed=0)
+# 64 samples in global batches of 16: 4 steps per epoch, 8 in all; checkpoints at 3, 6 and 8.
+CFG = TrainConfig(epochs=2, batch_size=8, lr=0.05, lr_ref_batch=16, warmup_steps=2, weight_decay=0.5,
+                  checkpoint_every=3, log_every=2, grad_clip=None)
+W_TRUE = torch.arange(8, dtype=torch.float32).reshape(8, 1) / 8
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class Probe(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 1)
+        self.unused = nn.Linear(4, 4)  # trainable, never in the loss
+        self.frozen = nn.Linear(4, 4)  # not in task.parameters()
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:  # the loss calls this, not forward
+        return self.lin(x)
+
+
+@dataclass
+class ProbeTask:
+    """Regress y = x @ W_TRUE. The global batches are the same for any world size (each rank
+    takes its slice), so 2 workers x 8 must train like 1 worker x 16 if gradients are averaged."""
+
+    crash_at: int | None = None  # every rank raises at this (1-based) loss call
+    die_once: str | None = None  # marker file: rank 1's process dies at call 5 unless it exists
+
+    def __post_init__(self) -> None:
+        self.calls = 0
+
+    def build_model(self) -> nn.Module:
+        return Probe()
+
+    def parameters(self, model):
+        return [*model.lin.parameters(), *model.unused.parameters()]
+
+    def num_samples(self) -> int:
+        return 64
+
+    def batches(self, rank, world_size, epoch, batch_size):
+        x = torch.randn(64, 8, generator=torch.Generator().manual_seed(epoch))
+        step = batch_size * world_size
+        for i in range(0, 64, step):
+            part = slice(i + rank * batch_size, i + (rank + 1) * batch_size)
+            yield {"x": x[part], "y": x[part] @ W_TRUE}
+
+    def loss(self, model, batch):
+        self.calls += 1
+        if self.crash_at == self.calls:
+            raise Crash(f"killed at call {self.calls}")
+        import ray.train
+
+        rank = ray.train.get_context().get_world_rank()
+        if self.die_once and rank == 1 and self.calls == 5 and not Path(self.die_once).exists():
+            Path(self.die_once).touch()
+            # Ray Train registers a reported checkpoint when its controller next polls the
+            # workers (every 2 s): a real run trains for longer than that between a checkpoint
+            # and a failure.
+            time.sleep(5)
+            os._exit(1)  # a lost node: no exception, the worker process is gone
+        loss = ((model.predict(batch["x"]) - batch["y"]) ** 2).mean()
+        return loss, {}
+
+    def batch_size_of(self, batch) -> int:
+        return len(batch["x"])
+
+    def save(self, model, out_dir: Path):
+        torch.save(model.state_dict(), Path(out_dir) / "probe.pt")
+        (Path(out_dir) / "saved_in.txt").write_text(str(Path(out_dir).resolve()))
+        return {"probe": "probe.pt"}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not on the workers' path
+    ray.init(num_cpus=2, object_store_memory=128 * 1024**2, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def two_workers(ray_cluster, tmp_path_factory):
+    """One 2-worker run with its checkpoints in a storage outside the artifact directory."""
+    root = tmp_path_factory.mktemp("two_workers")
+    runtime = TWO.model_copy(update={"storage_path": str(root / "shared")})
+    result = fit(ProbeTask(), CFG, runtime, root / "artifact")
+    return root, runtime, result
+
+
+def test_final_files_come_back_through_the_checkpoint(two_workers):
+    root, runtime, result = two_workers
+    artifact, run = root / "artifact", Path(run_location(root / "artifact", runtime.storage_path))
+    assert result["files"] == {"probe": "probe.pt"}
+    final = Path(latest_checkpoint(run).path)
+    assert final.parent == run and Path(result["checkpoint"]) == final
+    assert (artifact / "probe.pt").read_bytes() == (final / ARTIFACT / "probe.pt").read_bytes()
+    assert Path((artifact / "saved_in.txt").read_text()) != artifact  # task.save wrote into the checkpoint
+    assert not (artifact / ".ray_train").exists()  # checkpoints live in the storage only
+    checkpoints = sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir())
+    assert checkpoints[-1] == "checkpoint_00000008" and len(checkpoints) <= NUM_TO_KEEP
+    assert json.loads((final / "artifact.json").read_text()) == result["files"]
+
+
+def test_rerun_after_a_crash_resumes_every_rank_from_the_ray_checkpoint(two_workers, tmp_path):
+    root, _, straight = two_workers
+    with pytest.raises(Crash):
+        fit(ProbeTask(crash_at=5), CFG, TWO, tmp_path / "killed")  # checkpoint at step 3
+    run = run_location(tmp_path / "killed", None)
+    assert load_checkpoint(Path(latest_checkpoint(run).path) / STATE)["step"] == 3
+    resumed = fit(ProbeTask(), CFG, TWO, tmp_path / "killed")
+    assert resumed["start_step"] == 3 and resumed["steps"] == 8
+    assert [h["step"] for h in resumed["history"]] == [h["step"] for h in straight["history"]]
+    a = torch.load(root / "artifact" / "probe.pt")
+    b = torch.load(tmp_path / "killed" / "probe.pt")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_lost_worker_is_restarted_from_the_latest_checkpoint(two_workers, tmp_path):
+    root, _, straight = two_workers
+    runtime = TWO.model_copy(update={"max_failures": 1})
+    result = fit(ProbeTask(die_once=str(tmp_path / "died")), CFG, runtime, tmp_path / "artifact")
+    assert (tmp_path / "died").exists() and result["start_step"] == 3  # the retry resumed at step 3
+    a = torch.load(root / "artifact" / "probe.pt")
+    b = torch.load(tmp_path / "artifact" / "probe.pt")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
