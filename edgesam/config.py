@@ -57,6 +57,7 @@ class RuntimeConfig(_Config):
     # Ray Train restarts after a worker or node failure (from the latest checkpoint); -1: no
     # limit. Node preemptions Ray detects are retried separately, without limit.
     max_failures: int = 0
+    sync_bn: bool = False  # SyncBatchNorm across GPU workers (needs GPUs when num_workers > 1)
     seed: int = 0
 
 

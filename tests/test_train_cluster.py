@@ -1,5 +1,6 @@
-"""The training engine on Ray Train with 2 CPU workers: checkpoints and final files travel
-through Ray Train's storage; a lost worker and a rerun resume from the latest checkpoint."""
+"""The training engine on Ray Train with 2 CPU workers: DDP averages gradients (also when the
+loss calls a sub-module's method), unused and frozen parameters keep their weights, checkpoints
+and final files travel through Ray Train's storage, a rerun resumes from the latest one."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from edgesam.train import fit, latest_checkpoint, load_checkpoint, run_location
 from edgesam.train.checkpoint import ARTIFACT, NUM_TO_KEEP, STATE
 
 TWO = RuntimeConfig(num_workers=2, cpus_per_worker=1, object_store_mb=128, seed=0)
+LOCAL = RuntimeConfig(num_workers=0, seed=0)
 # 64 samples in global batches of 16: 4 steps per epoch, 8 in all; checkpoints at 3, 6 and 8.
 CFG = TrainConfig(epochs=2, batch_size=8, lr=0.05, lr_ref_batch=16, warmup_steps=2, weight_decay=0.5,
                   checkpoint_every=3, log_every=2, grad_clip=None)
@@ -41,11 +43,17 @@ class Probe(nn.Module):
         return self.lin(x)
 
 
+def initial_probe() -> Probe:
+    torch.manual_seed(TWO.seed)  # as the loop seeds every rank before build_model
+    return Probe()
+
+
 @dataclass
 class ProbeTask:
     """Regress y = x @ W_TRUE. The global batches are the same for any world size (each rank
     takes its slice), so 2 workers x 8 must train like 1 worker x 16 if gradients are averaged."""
 
+    dump: str | None = None  # each rank saves `lin` here at every loss call
     crash_at: int | None = None  # every rank raises at this (1-based) loss call
     die_once: str | None = None  # marker file: rank 1's process dies at call 5 unless it exists
 
@@ -82,6 +90,9 @@ class ProbeTask:
             # and a failure.
             time.sleep(5)
             os._exit(1)  # a lost node: no exception, the worker process is gone
+        if self.dump:
+            Path(self.dump).mkdir(parents=True, exist_ok=True)
+            torch.save(model.lin.state_dict(), Path(self.dump) / f"rank{rank}_call{self.calls:03d}.pt")
         loss = ((model.predict(batch["x"]) - batch["y"]) ** 2).mean()
         return loss, {}
 
@@ -110,8 +121,52 @@ def two_workers(ray_cluster, tmp_path_factory):
     """One 2-worker run with its checkpoints in a storage outside the artifact directory."""
     root = tmp_path_factory.mktemp("two_workers")
     runtime = TWO.model_copy(update={"storage_path": str(root / "shared")})
-    result = fit(ProbeTask(), CFG, runtime, root / "artifact")
+    result = fit(ProbeTask(dump=str(root / "dump")), CFG, runtime, root / "artifact")
     return root, runtime, result
+
+
+def _final_state(root: Path, runtime: RuntimeConfig) -> dict:
+    return load_checkpoint(Path(latest_checkpoint(run_location(root / "artifact", runtime.storage_path)).path) / STATE)
+
+
+def test_two_workers_keep_identical_weights(two_workers):
+    root, _, result = two_workers
+    assert result["steps"] == 8
+    calls = sorted(p.name.split("_", 1)[1] for p in (root / "dump").glob("rank0_*"))
+    assert len(calls) == 8
+    for call in calls:
+        a, b = (torch.load(root / "dump" / f"rank{r}_{call}") for r in (0, 1))
+        for key in a:
+            assert torch.equal(a[key], b[key]), (call, key)
+    first, last = (torch.load(root / "dump" / f"rank0_{c}") for c in (calls[0], calls[-1]))
+    assert not torch.equal(first["weight"], last["weight"])  # the ranks did train (on different data)
+
+
+def test_two_workers_average_gradients(two_workers, tmp_path):
+    root, _, _ = two_workers
+    single = fit(ProbeTask(), CFG.model_copy(update={"batch_size": 16}), LOCAL, tmp_path)
+    assert single["steps"] == 8
+    two = torch.load(root / "artifact" / "probe.pt")
+    one = torch.load(tmp_path / "probe.pt")
+    for key in ("lin.weight", "lin.bias"):
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5)
+
+
+def test_trainable_but_unused_parameters_keep_their_weights(two_workers):
+    root, runtime, _ = two_workers
+    init, final = initial_probe().state_dict(), _final_state(root, runtime)["model"]
+    assert not torch.equal(final["lin.weight"], init["lin.weight"])
+    for key in ("unused.weight", "unused.bias"):  # weight decay 0.5 would have shrunk them
+        assert torch.equal(final[key], init[key]), key
+
+
+def test_frozen_parameters_stay_out_of_the_optimizer(two_workers):
+    root, runtime, _ = two_workers
+    state = _final_state(root, runtime)
+    assert sum(len(g["params"]) for g in state["optimizer"]["param_groups"]) == 4  # lin and unused
+    init = initial_probe().state_dict()
+    for key in ("frozen.weight", "frozen.bias"):
+        assert torch.equal(state["model"][key], init[key]), key
 
 
 def test_final_files_come_back_through_the_checkpoint(two_workers):
@@ -152,3 +207,8 @@ def test_a_lost_worker_is_restarted_from_the_latest_checkpoint(two_workers, tmp_
     b = torch.load(tmp_path / "artifact" / "probe.pt")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_sync_bn_on_cpu_workers_is_refused(ray_cluster, tmp_path):
+    with pytest.raises(ValueError, match="sync_bn needs GPU"):
+        fit(ProbeTask(), CFG, TWO.model_copy(update={"sync_bn": True, "use_gpu": False}), tmp_path)

@@ -1,5 +1,5 @@
-"""The one training loop of every trainer: Ray Train TorchTrainer, AdamW, warm-up + cosine,
-gradient clipping, AMP on GPU, Ray Train checkpoints with resume, throughput logging."""
+"""The one training loop of every trainer: Ray Train TorchTrainer with DDP, AdamW, warm-up +
+cosine, gradient clipping, AMP on GPU, Ray Train checkpoints with resume, throughput logging."""
 
 from edgesam.train.checkpoint import last_checkpoint_path, latest_checkpoint, load_checkpoint, run_location
 from edgesam.train.cluster import connect_ray, use_gpu

@@ -1,7 +1,8 @@
 """The training loop that runs on every Ray Train worker (rank 0 logs and writes checkpoints).
 
-Checkpoints go through `ray.train.report` and come back through `ray.train.get_checkpoint`,
-so no rank ever reads another node's disk.
+Gradients are averaged by DDP (`ray.train.torch.prepare_model`); checkpoints go through
+`ray.train.report` and come back through `ray.train.get_checkpoint`, so no rank ever reads
+another node's disk.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from tqdm import tqdm
 
 from edgesam.config import TrainConfig
@@ -94,24 +96,52 @@ def _batch_stream(task: TrainTask, rank: int, world: int, batch_size: int, steps
         epoch, skip = epoch + 1, 0
 
 
-def _all_reduce_grads(params: list[torch.nn.Parameter], loss: torch.Tensor, world: int) -> torch.Tensor:
-    """Average gradients (and the loss) over workers in one flat all-reduce."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().float().reshape(1).to(grads[0].dtype)])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(g).to(p.dtype)
-        offset += n
-    return flat[-1]
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+class TaskForward(nn.Module):
+    """The task's loss as the forward of one module, which the loop wraps in DDP.
+
+    DDP averages only the gradients of a backward that follows its own forward (measured with
+    torch 2.14: a loss from a sub-module's method called on the bare model leaves each rank
+    with its own gradients), and `find_unused_parameters` searches from that forward's
+    outputs. `TrainTask.loss` calls sub-modules and their methods freely, so the loop runs it
+    as this module's forward.
+    """
+
+    def __init__(self, task: TrainTask, model: nn.Module):
+        super().__init__()
+        self.task = task
+        self.model = model
+
+    def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.task.loss(self.model, batch)
+
+
+def _prepare(task: TrainTask, model: nn.Module, device: torch.device) -> nn.Module:
+    """`TaskForward(task, model)` on `device`, in DDP when world > 1.
+
+    `find_unused_parameters=True`: trainable parameters that the loss does not use (e.g. the
+    IoU head in phase 2) are marked ready instead of stalling the reducer, and those unused on
+    every rank keep `grad=None`, so AdamW skips them (no weight decay); measured in
+    tests/test_train_cluster.py.
+    """
+    import ray.train.torch
+
+    return ray.train.torch.prepare_model(
+        TaskForward(task, model), move_to_device=device, parallel_strategy_kwargs={"find_unused_parameters": True}
+    )
+
+
+def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
+    value = value.detach().float().reshape(1)
+    if world > 1:
+        dist.all_reduce(value)
+        value /= world
+    return float(value)
 
 
 def _gather(obj: Any, world: int) -> list[Any]:
@@ -150,19 +180,18 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     _seed_everything(config["seed"])  # identical initial weights on every rank
     model = task.build_model()
+    if config["sync_bn"] and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # keeps the Parameter objects
     trainable = list(task.parameters(model))
     trainable_ids = {id(p) for p in trainable}
     for p in model.parameters():
-        p.requires_grad_(id(p) in trainable_ids)
+        p.requires_grad_(id(p) in trainable_ids)  # frozen: outside DDP and the optimizer
 
     checkpoint = ray.train.get_checkpoint() or (local_run.latest() if local_run else None)
     state, finished = load_state(checkpoint) if checkpoint is not None else (None, False)
     if state is not None:
         model.load_state_dict(state["model"])  # the same checkpoint on every rank
-    model.to(device)
-    if world > 1:
-        for p in model.state_dict().values():
-            dist.broadcast(p, 0)
+    forward = _prepare(task, model, device)
     _seed_everything(config["seed"] + 1000 * rank)
 
     steps_per_epoch, steps = total_steps(cfg, task.num_samples(), world)
@@ -215,7 +244,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
                  ", bf16 autocast" if amp else "")
         if finished:
             log.info("%s: already trained (%s)", type(task).__name__, checkpoint.path)
-    model.train()
+    forward.train()
     stream = _batch_stream(task, rank, world, cfg.batch_size, steps_per_epoch, step)
     bar = tqdm(total=steps, initial=step, desc=type(task).__name__, disable=not is_main, mininterval=2.0)
     window_images, window_start, window_losses = 0, time.perf_counter(), []
@@ -226,10 +255,10 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         batch = move_to(next(stream), device)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
         with autocast:
-            loss, metrics = task.loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
+            loss, metrics = forward(batch)
+        optimizer.zero_grad(set_to_none=True)  # unused parameters keep grad None: AdamW skips them
         loss.backward()
-        loss_value = float(_all_reduce_grads(trainable, loss, world) if world > 1 else loss.detach())
+        loss_value = _mean_over_ranks(loss, world)
         if not math.isfinite(loss_value):
             where = f"{run}/{checkpoint_dir_name(ckpt_step)}" if ckpt_step is not None else None
             raise NonFiniteLossError(step + 1, loss_value, where, ckpt_step)
