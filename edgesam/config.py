@@ -37,6 +37,9 @@ class TrainConfig(_Config):
     grad_clip: float | None = 1.0
     amp: bool = True  # only takes effect on GPU
     checkpoint_every: int = 200  # steps
+    # AdamW without weight decay for biases, other 1-D parameters and normalization layers
+    # (the official EdgeSAM phase-1 recipe); False decays every trainable parameter.
+    no_decay_norm_bias: bool = False
     log_every: int = 20  # steps
     loader_workers: int = 1
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from edgesam.config import RuntimeConfig, TrainConfig
-from edgesam.train import fit, latest_checkpoint, load_checkpoint, run_location
+from edgesam.train import fit, latest_checkpoint, load_checkpoint, param_groups, run_location
 from edgesam.train.checkpoint import ARTIFACT, NUM_TO_KEEP, STATE
 
 TWO = RuntimeConfig(num_workers=2, cpus_per_worker=1, object_store_mb=128, seed=0)
@@ -212,3 +212,34 @@ def test_a_lost_worker_is_restarted_from_the_latest_checkpoint(two_workers, tmp_
 def test_sync_bn_on_cpu_workers_is_refused(ray_cluster, tmp_path):
     with pytest.raises(ValueError, match="sync_bn needs GPU"):
         fit(ProbeTask(), CFG, TWO.model_copy(update={"sync_bn": True, "use_gpu": False}), tmp_path)
+
+
+class Normed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.ln = nn.LayerNorm(4)
+        self.ln2 = nn.LayerNorm((2, 2))  # 2-D weight: exempt as a norm layer's, not as 1-D
+        self.scale = nn.Parameter(torch.ones(4))  # 1-D, no norm layer
+        self.head = nn.Linear(4, 2)
+
+
+def test_no_decay_groups_hold_biases_and_norms():
+    model = Normed()
+    names = {id(p): n for n, p in model.named_parameters()}
+    trainable = list(model.parameters())
+    (decay, no_decay) = param_groups(model, trainable, 0.05, no_decay_norm_bias=True)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert sorted(names[id(p)] for p in decay["params"]) == ["conv.weight", "head.weight"]
+    assert sorted(names[id(p)] for p in no_decay["params"]) == [
+        "bn.bias", "bn.weight", "conv.bias", "head.bias", "ln.bias", "ln.weight", "ln2.bias", "ln2.weight", "scale"]
+    (only,) = param_groups(model, trainable, 0.05, no_decay_norm_bias=False)
+    assert len(only["params"]) == len(trainable) and only["weight_decay"] == 0.05
+
+
+def test_no_decay_norm_bias_reaches_the_optimizer(tmp_path):
+    cfg = CFG.model_copy(update={"no_decay_norm_bias": True, "max_steps": 3, "batch_size": 16})
+    fit(ProbeTask(), cfg, LOCAL, tmp_path)
+    groups = load_checkpoint(Path(latest_checkpoint(run_location(tmp_path, None)).path) / STATE)["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], len(g["params"])) for g in groups] == [(0.5, 2), (0.0, 2)]  # weights | biases

@@ -4,12 +4,12 @@ cosine, gradient clipping, AMP on GPU, Ray Train checkpoints with resume, throug
 from edgesam.train.checkpoint import last_checkpoint_path, latest_checkpoint, load_checkpoint, run_location
 from edgesam.train.cluster import connect_ray, use_gpu
 from edgesam.train.fit import fit, training_summary
-from edgesam.train.loop import NonFiniteLossError, move_to, total_steps
+from edgesam.train.loop import NonFiniteLossError, move_to, param_groups, total_steps
 from edgesam.train.schedule import scaled_lr, warmup_cosine_factor
 from edgesam.train.task import TrainTask
 
 __all__ = [
     "NonFiniteLossError", "TrainTask", "connect_ray", "fit", "last_checkpoint_path", "latest_checkpoint",
-    "load_checkpoint", "move_to", "run_location", "scaled_lr", "total_steps", "training_summary",
+    "load_checkpoint", "move_to", "param_groups", "run_location", "scaled_lr", "total_steps", "training_summary",
     "use_gpu", "warmup_cosine_factor",
 ]

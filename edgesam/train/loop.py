@@ -102,6 +102,26 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# Parameters of these layers (and every 1-D parameter) are not decayed with `no_decay_norm_bias`.
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+
+
+def param_groups(model: nn.Module, trainable: list[nn.Parameter], weight_decay: float,
+                 no_decay_norm_bias: bool) -> list[dict[str, Any]]:
+    """AdamW parameter groups of `trainable`: one group, or with `no_decay_norm_bias` a second
+    one with weight decay 0 for biases, other 0-/1-D parameters and normalization layers'
+    parameters (decaying norm scales and biases only pulls them towards 0)."""
+    if not no_decay_norm_bias:
+        return [{"params": trainable, "weight_decay": weight_decay}]
+    exempt = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+    exempt |= {id(p) for name, p in model.named_parameters() if p.ndim <= 1 or name.endswith(".bias")}
+    groups = [
+        {"params": [p for p in trainable if id(p) not in exempt], "weight_decay": weight_decay},
+        {"params": [p for p in trainable if id(p) in exempt], "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 class TaskForward(nn.Module):
     """The task's loss as the forward of one module, which the loop wraps in DDP.
 
@@ -196,7 +216,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     steps_per_epoch, steps = total_steps(cfg, task.num_samples(), world)
     lr = scaled_lr(cfg.lr, cfg.batch_size, world, cfg.lr_ref_batch)
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, trainable, cfg.weight_decay, cfg.no_decay_norm_bias), lr=lr)
     scheduler = build_scheduler(optimizer, steps, cfg.warmup_steps, cfg.min_lr_ratio)
     amp = cfg.amp and device.type == "cuda"
 
