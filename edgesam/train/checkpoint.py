@@ -101,7 +101,11 @@ def export_artifact(checkpoint: Checkpoint, out_dir: Path) -> dict[str, Any]:
         source = Path(directory) / ARTIFACT
         manifest_path = Path(directory) / ARTIFACT_MANIFEST
         if not manifest_path.is_file():
-            raise RuntimeError(f"checkpoint {checkpoint.path} is not a final checkpoint: it has no {ARTIFACT_MANIFEST}")
+            raise RuntimeError(
+                f"checkpoint {checkpoint.path} has no {ARTIFACT_MANIFEST} here: it is not a final checkpoint, or "
+                "it was written on another node's disk (on several nodes, set runtime.storage_path to a shared "
+                "directory or a URI)"
+            )
         files = json.loads(manifest_path.read_text())
         for path in sorted(source.rglob("*")):
             if not path.is_file():
