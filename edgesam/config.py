@@ -37,6 +37,9 @@ class TrainConfig(_Config):
     grad_clip: float | None = 1.0
     amp: bool = True  # only takes effect on GPU
     checkpoint_every: int = 200  # steps
+    # AdamW without weight decay for biases, other 1-D parameters and normalization layers
+    # (the official EdgeSAM phase-1 recipe); False decays every trainable parameter.
+    no_decay_norm_bias: bool = False
     log_every: int = 20  # steps
     loader_workers: int = 1
 
@@ -50,6 +53,14 @@ class RuntimeConfig(_Config):
     cpus_per_worker: int = 1  # CPU workers: Ray CPUs and torch threads per worker
     object_store_mb: int = 512  # object store of a local Ray (bounds Ray Data's memory)
     use_gpu: bool | None = None  # None: use GPUs when present
+    # Where Ray Train keeps training checkpoints: a directory every node sees (NFS) or a URI
+    # such as s3://bucket/edgesam. None: the artifact directory itself, which is only right on
+    # one machine or a shared filesystem. Final files are copied to the artifact directory anyway.
+    storage_path: str | None = None
+    # Ray Train restarts after a worker or node failure (from the latest checkpoint); -1: no
+    # limit. Node preemptions Ray detects are retried separately, without limit.
+    max_failures: int = 0
+    sync_bn: bool = False  # SyncBatchNorm across GPU workers (needs GPUs when num_workers > 1)
     seed: int = 0
 
 

@@ -61,9 +61,8 @@ class LinearTask:
         return len(batch["x"])
 
     def save(self, model, out_dir: Path):
-        path = Path(out_dir) / "model.pt"
-        torch.save(model.state_dict(), path)
-        return {"model": str(path)}
+        torch.save(model.state_dict(), Path(out_dir) / "model.pt")
+        return {"model": "model.pt"}
 
 
 CFG = TrainConfig(epochs=4, batch_size=8, lr=0.05, lr_ref_batch=8, warmup_steps=3,
@@ -83,7 +82,7 @@ def test_loss_falls_and_artifacts_written(tmp_path):
     losses = [h["loss"] for h in result["history"]]
     assert losses[-1] < 0.2 * losses[0]
     assert all(h["images_per_s"] > 0 and "mse" in h for h in result["history"])
-    assert Path(result["files"]["model"]).is_file()
+    assert (tmp_path / result["files"]["model"]).is_file()
     assert load_checkpoint(last_checkpoint_path(tmp_path))["step"] == 32
 
 
@@ -109,8 +108,16 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     assert [h["step"] for h in a["history"]] == [h["step"] for h in b["history"]]
 
 
+def test_rerun_of_a_finished_run_trains_nothing_and_brings_the_files_back(tmp_path):
+    first = fit(LinearTask(), CFG, LOCAL, tmp_path)
+    (tmp_path / "model.pt").unlink()  # e.g. killed after training, before the files were copied
+    again = fit(LinearTask(crash_at=1), CFG, LOCAL, tmp_path)  # a single loss call would crash it
+    assert again["start_step"] == again["steps"] == 32 and again["history"] == first["history"]
+    assert torch.load(tmp_path / "model.pt").keys() == {"weight", "bias"}
+
+
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 8.*last\.pt \(step 5\)"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 8.*checkpoint_00000005 \(step 5\)"):
         fit(LinearTask(nan_at=8), CFG, LOCAL, tmp_path)
     state = load_checkpoint(last_checkpoint_path(tmp_path))
     assert state["step"] == 5 and all(torch.isfinite(v).all() for v in state["model"].values())

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from edgesam.config import RuntimeConfig, TrainConfig
+from edgesam.train.checkpoint import NUM_TO_KEEP, LocalRun, export_artifact, is_uri, run_storage
 from edgesam.train.cluster import connect_ray, use_gpu
 from edgesam.train.loop import train_worker
 from edgesam.train.task import TrainTask
@@ -17,28 +18,50 @@ from edgesam.train.task import TrainTask
 log = logging.getLogger("edgesam.train")
 
 
-def fit(task: TrainTask, cfg: TrainConfig, runtime: RuntimeConfig, out_dir: Path) -> dict[str, Any]:
-    """Train `task` on `runtime.num_workers` Ray Train workers; resume from `out_dir`'s checkpoint.
+def _warn_if_node_local(runtime: RuntimeConfig) -> None:
+    import ray
 
-    `runtime.num_workers == 0` runs Ray Train's local mode in this process (unit tests).
-    Returns {"steps", "history" (loss curve), "files" (from task.save), "train_seconds",
-    "images_per_s"}. A worker's exception is re-raised here as itself (e.g.
+    if runtime.storage_path is None and sum(node["Alive"] for node in ray.nodes()) > 1:
+        log.warning("runtime.storage_path is not set on a multi-node Ray cluster: checkpoints go to the "
+                    "artifact directory, which must then be on a filesystem every node shares")
+
+
+def fit(task: TrainTask, cfg: TrainConfig, runtime: RuntimeConfig, out_dir: Path) -> dict[str, Any]:
+    """Train `task` on `runtime.num_workers` Ray Train workers; write its files into `out_dir`.
+
+    Checkpoints live in Ray Train's storage (`runtime.storage_path`, default
+    `out_dir/.ray_train`) under a name stable per artifact: a rerun after a kill resumes from
+    the latest one, and Ray restarts failed workers from it up to `runtime.max_failures`
+    times. The task's final files come back inside the final checkpoint and are copied into
+    `out_dir` here, on the driver. `runtime.num_workers == 0` runs Ray Train's local mode in
+    this process (unit tests).
+
+    Returns {"steps", "start_step" (where this call resumed), "history" (loss curve),
+    "files" (from task.save), "checkpoint" (the final one), "train_seconds",
+    "images_per_s", "wall_seconds"}. A worker's exception is re-raised here as itself (e.g.
     `NonFiniteLossError`), with Ray's wrapper as its cause.
     """
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    storage, name = run_storage(out_dir, runtime.storage_path)
+    run = f"{storage}/{name}"
     local = runtime.num_workers == 0
     if local:
+        if is_uri(storage):
+            raise ValueError(f"num_workers=0 (in-process) keeps checkpoints on a local disk, not at {storage}")
         gpu = runtime.use_gpu if runtime.use_gpu is not None else torch.cuda.is_available()
     else:
         connect_ray(runtime)
         gpu = use_gpu(runtime)
+        _warn_if_node_local(runtime)
+    if runtime.sync_bn and runtime.num_workers > 1 and not gpu:
+        raise ValueError("runtime.sync_bn needs GPU workers: torch's SyncBatchNorm only runs on CUDA")
     config = {
-        "task": task, "cfg": cfg, "out_dir": str(out_dir.resolve()), "use_gpu": gpu,
-        "seed": runtime.seed, "threads": None if gpu or local else runtime.cpus_per_worker,
+        "task": task, "cfg": cfg, "run": run, "local": local, "use_gpu": gpu, "seed": runtime.seed,
+        "sync_bn": runtime.sync_bn, "threads": None if gpu or local else runtime.cpus_per_worker,
     }
     trainer = TorchTrainer(
         train_worker,
@@ -49,9 +72,10 @@ def fit(task: TrainTask, cfg: TrainConfig, runtime: RuntimeConfig, out_dir: Path
             resources_per_worker=None if gpu else {"CPU": runtime.cpus_per_worker},
         ),
         run_config=RunConfig(
-            name="train",
-            storage_path=str((out_dir / ".ray_train").resolve()),
-            failure_config=FailureConfig(max_failures=0),
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=runtime.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=NUM_TO_KEEP),
         ),
     )
     start = time.perf_counter()
@@ -62,10 +86,15 @@ def fit(task: TrainTask, cfg: TrainConfig, runtime: RuntimeConfig, out_dir: Path
         if failures:
             raise failures[min(failures)] from exc
         raise
+    final = LocalRun(run).latest() if local else result.checkpoint
+    if final is None:
+        raise RuntimeError(f"{type(task).__name__}: training reported no checkpoint to {run}")
     summary = dict(result.return_value)
+    summary["files"] = export_artifact(final, out_dir)
+    summary["checkpoint"] = final.path
     summary["wall_seconds"] = round(time.perf_counter() - start, 2)
-    log.info("%s: %d steps in %.1fs (%.1f images/s)", type(task).__name__, summary["steps"],
-             summary["wall_seconds"], summary["images_per_s"])
+    log.info("%s: %d steps in %.1fs (%.1f images/s), files %s in %s", type(task).__name__, summary["steps"],
+             summary["wall_seconds"], summary["images_per_s"], sorted(summary["files"]), out_dir)
     return summary
 
 

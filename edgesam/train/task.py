@@ -30,10 +30,20 @@ class TrainTask(Protocol):
         """This worker's batches of `epoch`, deterministic in (rank, world_size, epoch)."""
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
-        """Scalar loss of a batch (already on the model's device) and metrics to log."""
+        """Scalar loss of a batch (already on the model's device) and metrics to log.
+
+        `model` is the bare model; the loop calls this inside the forward of the module it
+        wraps in DDP, so the loss may call any sub-module or method of `model`. Trainable
+        parameters that the loss leaves unused keep no gradient and are not decayed.
+        """
 
     def batch_size_of(self, batch: Any) -> int:
         """Images in `batch` (for throughput)."""
 
     def save(self, model: nn.Module, out_dir: Path) -> dict[str, Any]:
-        """Write the final artifact files (atomically); return their manifest entries."""
+        """Write the final artifact files into `out_dir`; return their manifest entries (JSON).
+
+        Called on rank 0 only, with the final checkpoint's directory as `out_dir`: `fit`
+        copies its files into the artifact directory on the driver, so entries must name
+        files relative to `out_dir`, never by absolute path.
+        """
