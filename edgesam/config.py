@@ -33,9 +33,12 @@ class TrainConfig(_Config):
     lr_ref_batch: int = 8
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50
+    warmup_start_ratio: float | None = None  # warm-up starts at lr * this (None: lr / warmup_steps)
+    cosine_from_start: bool = False  # cosine over all steps, as timm's warmup_prefix=False (EdgeSAM)
     weight_decay: float = 0.05
     grad_clip: float | None = 1.0
     amp: bool = True  # only takes effect on GPU
+    sync_bn: bool = False  # SyncBatchNorm across GPU workers (needs GPUs when num_workers > 1)
     checkpoint_every: int = 200  # steps
     # AdamW without weight decay for biases, other 1-D parameters and normalization layers
     # (the official EdgeSAM phase-1 recipe); False decays every trainable parameter.
@@ -60,7 +63,6 @@ class RuntimeConfig(_Config):
     # Ray Train restarts after a worker or node failure (from the latest checkpoint); -1: no
     # limit. Node preemptions Ray detects are retried separately, without limit.
     max_failures: int = 0
-    sync_bn: bool = False  # SyncBatchNorm across GPU workers (needs GPUs when num_workers > 1)
     seed: int = 0
 
 

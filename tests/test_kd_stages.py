@@ -257,3 +257,29 @@ def test_prompt_kd_freeze_switches(kd_inputs):
     task.cfg = task.cfg.model_copy(update={"freeze_encoder": True})
     with pytest.raises(ValueError, match="nothing to train"):
         task.parameters(model)
+
+
+def test_two_workers_leave_the_iou_head_as_the_teachers_and_frozen_parameters_out_of_the_optimizer(kd_inputs, tmp_path):
+    """EdgeSAM never trains the IoU head: with DDP over 2 workers it must stay bit-identical."""
+    import logging
+
+    import ray
+
+    from edgesam.models.tiny_sam import load_tiny_sam
+
+    task = _prompt_task(kd_inputs)
+    cfg = _fit_cfg().model_copy(update={"epochs": 1, "max_steps": 2, "batch_size": 1, "weight_decay": 0.5})
+    ray.init(num_cpus=2, object_store_memory=128 * 1024**2, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        fit(task, cfg, RuntimeConfig(num_workers=2, cpus_per_worker=1, object_store_mb=128, seed=0), tmp_path)
+    finally:
+        ray.shutdown()
+    student, teacher = load_edgesam(tmp_path / "student.pt"), load_tiny_sam(kd_inputs / "teacher.pt")
+    head = student.mask_decoder.iou_prediction_head.state_dict()
+    for name, value in teacher.mask_decoder.iou_prediction_head.state_dict().items():
+        assert torch.equal(head[name], value), name
+    assert not torch.equal(student.mask_decoder.output_hypernetworks_mlps[0].layers[0].weight,
+                           teacher.mask_decoder.output_hypernetworks_mlps[0].layers[0].weight)  # it did train
+    optimizer = load_checkpoint(last_checkpoint_path(tmp_path))["optimizer"]
+    in_optimizer = sum(len(group["params"]) for group in optimizer["param_groups"])
+    assert in_optimizer == len(task.parameters(task.build_model()))

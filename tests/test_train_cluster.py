@@ -211,7 +211,7 @@ def test_a_lost_worker_is_restarted_from_the_latest_checkpoint(two_workers, tmp_
 
 def test_sync_bn_on_cpu_workers_is_refused(ray_cluster, tmp_path):
     with pytest.raises(ValueError, match="sync_bn needs GPU"):
-        fit(ProbeTask(), CFG, TWO.model_copy(update={"sync_bn": True, "use_gpu": False}), tmp_path)
+        fit(ProbeTask(), CFG.model_copy(update={"sync_bn": True}), TWO.model_copy(update={"use_gpu": False}), tmp_path)
 
 
 class Normed(nn.Module):

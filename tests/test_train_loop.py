@@ -74,6 +74,11 @@ def test_schedule_warms_up_then_decays_to_min():
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
     assert warmup_cosine_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
+    # EdgeSAM's timm schedule: warm-up from a start ratio, then the cosine at the absolute step
+    assert warmup_cosine_factor(0, 100, 50, 0.0, warmup_start_ratio=0.01) == pytest.approx(0.01)
+    assert warmup_cosine_factor(49, 100, 50, 0.0, warmup_start_ratio=0.01) == pytest.approx(0.01 + 0.99 * 49 / 50)
+    assert warmup_cosine_factor(50, 100, 50, 0.0, cosine_from_start=True) == pytest.approx(0.5)
+    assert warmup_cosine_factor(50, 100, 50, 0.0) == pytest.approx(1.0)
 
 
 def test_loss_falls_and_artifacts_written(tmp_path):

@@ -57,11 +57,11 @@ def fit(task: TrainTask, cfg: TrainConfig, runtime: RuntimeConfig, out_dir: Path
         connect_ray(runtime)
         gpu = use_gpu(runtime)
         _warn_if_node_local(runtime)
-    if runtime.sync_bn and runtime.num_workers > 1 and not gpu:
-        raise ValueError("runtime.sync_bn needs GPU workers: torch's SyncBatchNorm only runs on CUDA")
+    if cfg.sync_bn and runtime.num_workers > 1 and not gpu:
+        raise ValueError("train.sync_bn needs GPU workers: torch's SyncBatchNorm only runs on CUDA")
     config = {
         "task": task, "cfg": cfg, "run": run, "local": local, "use_gpu": gpu, "seed": runtime.seed,
-        "sync_bn": runtime.sync_bn, "threads": None if gpu or local else runtime.cpus_per_worker,
+        "sync_bn": cfg.sync_bn, "threads": None if gpu or local else runtime.cpus_per_worker,
     }
     trainer = TorchTrainer(
         train_worker,

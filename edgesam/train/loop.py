@@ -217,7 +217,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     steps_per_epoch, steps = total_steps(cfg, task.num_samples(), world)
     lr = scaled_lr(cfg.lr, cfg.batch_size, world, cfg.lr_ref_batch)
     optimizer = torch.optim.AdamW(param_groups(model, trainable, cfg.weight_decay, cfg.no_decay_norm_bias), lr=lr)
-    scheduler = build_scheduler(optimizer, steps, cfg.warmup_steps, cfg.min_lr_ratio)
+    scheduler = build_scheduler(optimizer, steps, cfg.warmup_steps, cfg.min_lr_ratio, cfg.warmup_start_ratio,
+                                cfg.cosine_from_start)
     amp = cfg.amp and device.type == "cuda"
 
     step, history, ckpt_step = 0, [], None
