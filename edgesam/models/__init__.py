@@ -1,1 +1,2 @@
-"""Models: the student encoder, EdgeSAM assembly and checkpoints, teachers, the RPN, prompted decoding."""
+"""Models: the student encoder, EdgeSAM assembly and checkpoints, official EdgeSAM weights, teachers, the RPN,
+prompted decoding."""
