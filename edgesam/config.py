@@ -129,6 +129,9 @@ class EncoderKDConfig(_Config):
     # ImageNet start of the backbone: false; true (timm's weights, downloaded: needs network);
     # or the path of a local weights file of that timm model (every worker must read it).
     pretrained: bool | Path = False
+    # The student to start from instead of a fresh one: an EdgeSAM checkpoint of this project or an
+    # official release file (edge_sam.pth, edge_sam_3x.pth). With train.epochs 0 it is passed on as is.
+    init: Path | None = None
     upsample_mode: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval_images: int | None = None  # val images of the mIoU report (None: all)
@@ -136,6 +139,7 @@ class EncoderKDConfig(_Config):
 
 class PromptKDConfig(_Config):
     train: TrainConfig = Field(default_factory=TrainConfig)
+    init: Path | None = None  # start from this student (ours or the official release), not phase 1's
     max_prompts: int = 16
     box_prob: float = 0.5
     prompt_types: Literal["both", "box", "point"] = "both"

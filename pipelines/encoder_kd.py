@@ -19,7 +19,7 @@ from edgesam.eval.miou import compare_with_teacher
 from edgesam.models.edgesam import load_edgesam
 from edgesam.models.teacher import TeacherSource
 from edgesam.tasks.data import EmbedShards
-from edgesam.tasks.encoder_kd import STUDENT_FILE, EncoderKDTask
+from edgesam.tasks.encoder_kd import STUDENT_FILE, EncoderKDTask, pass_on_init
 from edgesam.train import fit, training_summary
 
 STAGE = "encoder_kd"
@@ -32,7 +32,10 @@ def run(cfg: EncoderKDConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact
     embed = inputs["embed"]
     data = EmbedShards.from_artifact(embed)
     teacher = TeacherSource.from_artifact(inputs["teacher"])
-    summary = fit(EncoderKDTask.from_config(cfg, data, teacher, runtime.seed), cfg.train, runtime, out)
+    if cfg.train.epochs == 0:
+        summary = pass_on_init(cfg, data.img_size, out)
+    else:
+        summary = fit(EncoderKDTask.from_config(cfg, data, teacher, runtime.seed), cfg.train, runtime, out)
     log.info("evaluating on %s val images", cfg.eval_images or "all")
     items = shard_items(list_shards(embed.path, "val"), cfg.eval_images)
     miou = compare_with_teacher(items, teacher.load(), {STAGE: load_edgesam(out / STUDENT_FILE)})

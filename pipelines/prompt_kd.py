@@ -33,7 +33,8 @@ def run(cfg: PromptKDConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact]
     data = EmbedShards.from_artifact(embed)
     teacher = TeacherSource.from_artifact(inputs["teacher"])
     phase1_student = phase1.path / phase1.manifest["student"]
-    summary = fit(PromptKDTask.from_config(cfg, data, phase1_student, teacher, runtime.seed), cfg.train, runtime, out)
+    start = cfg.init or phase1_student
+    summary = fit(PromptKDTask.from_config(cfg, data, start, teacher, runtime.seed), cfg.train, runtime, out)
     students = {STAGE: load_edgesam(out / STUDENT_FILE)}
     same_images = phase1.manifest["config"]["eval_images"] == cfg.eval_images
     if not same_images:

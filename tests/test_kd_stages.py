@@ -132,7 +132,8 @@ def test_prompt_kd_step_lowers_the_loss_on_a_fixed_batch(kd_inputs):
     trainable = {id(p) for p in task.parameters(model)}
     assert not any(id(p) in trainable for p in model.student.prompt_encoder.parameters())
     assert not any(id(p) in trainable for p in model.teacher.parameters())
-    assert all(id(p) in trainable for p in model.student.mask_decoder.parameters())
+    head = {id(p) for p in model.student.mask_decoder.iou_prediction_head.parameters()}
+    assert all((id(p) in trainable) != (id(p) in head) for p in model.student.mask_decoder.parameters())
     batch = next(iter(task.batches(0, 1, 0, 2)))
     assert batch["valid"].shape == (2, 16, 16) and len(batch["prompts"]) == 2
     losses = _losses_on_fixed_batch(task, 1e-3)
@@ -251,7 +252,11 @@ def test_prompt_kd_freeze_switches(kd_inputs):
     model = task.build_model()
     task.cfg = task.cfg.model_copy(update={"freeze_encoder": True})
     trainable = {id(p) for p in task.parameters(model)}
-    assert trainable == {id(p) for p in model.student.mask_decoder.parameters()}
+    head = {id(p) for p in model.student.mask_decoder.iou_prediction_head.parameters()}
+    assert trainable == {id(p) for p in model.student.mask_decoder.parameters()} - head
+    task.cfg = task.cfg.model_copy(update={"freeze_iou_head": False})
+    assert {id(p) for p in task.parameters(model)} == {id(p) for p in model.student.mask_decoder.parameters()}
+    task.cfg = task.cfg.model_copy(update={"freeze_iou_head": True})
     task.cfg = task.cfg.model_copy(update={"freeze_encoder": False, "freeze_decoder": True})
     assert {id(p) for p in task.parameters(model)} == {id(p) for p in model.student.image_encoder.parameters()}
     task.cfg = task.cfg.model_copy(update={"freeze_encoder": True})
@@ -283,3 +288,43 @@ def test_two_workers_leave_the_iou_head_as_the_teachers_and_frozen_parameters_ou
     optimizer = load_checkpoint(last_checkpoint_path(tmp_path))["optimizer"]
     in_optimizer = sum(len(group["params"]) for group in optimizer["param_groups"])
     assert in_optimizer == len(task.parameters(task.build_model()))
+
+
+def test_fine_tune_from_a_previous_student_changes_its_weights_and_lowers_the_loss(kd_inputs, tmp_path):
+    previous = load_edgesam(kd_inputs / "phase1.pt")
+    cfg = SMOKE.prompt_kd.model_copy(update={"init": kd_inputs / "phase1.pt",
+                                             "train": SMOKE.prompt_kd.train.model_copy(update={"loader_workers": 0})})
+    task = PromptKDTask.from_config(cfg, _data(kd_inputs), cfg.init, _teacher(kd_inputs), seed=0)
+    start = task.build_model().student
+    for name, value in previous.state_dict().items():
+        assert torch.equal(start.state_dict()[name], value), name  # it starts where the previous run ended
+    losses = _losses_on_fixed_batch(task, 1e-3)
+    assert losses[-1] < 0.9 * losses[0], losses
+    embed, teacher = _upstream(kd_inputs, tmp_path)
+    phase1 = Artifact("encoder_kd", "p1", tmp_path / "p1")
+    phase1.path.mkdir()
+    save_edgesam(build_edgesam(BACKBONE, IMG), phase1.path / "student.pt")  # not the one to start from
+    phase1.commit({"student": "student.pt", "config": {"eval_images": None}, "miou": {}})
+    train = cfg.train.model_copy(update={"max_steps": 2, "batch_size": 2, "lr": 1e-3})
+    body = prompt_kd.run(cfg.model_copy(update={"train": train, "eval_images": 1}), LOCAL,
+                         {"embed": embed, "teacher": teacher, "encoder_kd": phase1}, tmp_path / "p2")
+    tuned = load_edgesam(tmp_path / "p2" / body["student"]).state_dict()
+    changed = [k for k, v in previous.state_dict().items() if not torch.equal(tuned[k], v)]
+    assert any(k.startswith("image_encoder.") for k in changed) and any(k.startswith("mask_decoder.") for k in changed)
+    assert not any(k.startswith("mask_decoder.iou_prediction_head.") for k in changed)
+
+
+def test_encoder_kd_passes_an_init_student_on_with_zero_epochs(kd_inputs, tmp_path):
+    embed, teacher = _upstream(kd_inputs, tmp_path)
+    train = SMOKE.encoder_kd.train.model_copy(update={"epochs": 0, "loader_workers": 0})
+    cfg = EncoderKDConfig(backbone=BACKBONE, train=train, eval_images=1, init=kd_inputs / "phase1.pt")
+    body = encoder_kd.run(cfg, LOCAL, {"embed": embed, "teacher": teacher}, tmp_path / "p1")
+    passed, previous = load_edgesam(tmp_path / "p1" / body["student"]), load_edgesam(kd_inputs / "phase1.pt")
+    assert body["steps"] == 0
+    for name, value in previous.state_dict().items():
+        assert torch.equal(passed.state_dict()[name], value), name
+    with pytest.raises(ValueError, match="set encoder_kd.init"):
+        encoder_kd.run(cfg.model_copy(update={"init": None}), LOCAL, {"embed": embed, "teacher": teacher}, tmp_path / "x")
+    with pytest.raises(ValueError, match="is a mobilenetv3_small_050 student, but encoder_kd.backbone is resnet18"):
+        encoder_kd.run(cfg.model_copy(update={"backbone": "resnet18", "train": train.model_copy(update={"epochs": 1})}),
+                       LOCAL, {"embed": embed, "teacher": teacher}, tmp_path / "y")

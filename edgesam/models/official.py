@@ -33,7 +33,7 @@ from timm.models.repvit import RepViTBlock, RepVitDownsample
 from torch import nn
 
 from edgesam.models.checkpoint import CheckpointError, read_checkpoint
-from edgesam.models.edgesam import CHECKPOINT_FORMAT, build_edgesam
+from edgesam.models.edgesam import CHECKPOINT_FORMAT, build_edgesam, load_edgesam
 
 log = logging.getLogger(__name__)
 
@@ -193,3 +193,18 @@ def load_official_edgesam(path: str | Path, img_size: int = 1024) -> Sam:
     sam = build_edgesam("repvit_m1", img_size, upsample_mode="bicubic")
     sam.load_state_dict(map_official_state(state, sam, source=str(path)), strict=True)
     return sam.eval()
+
+
+def load_student(path: str | Path, img_size: int) -> Sam:
+    """A student to start from: an EdgeSAM checkpoint of this project (a previous run's
+    `student.pt` / exported `edgesam.pt`) or an official EdgeSAM release file, told apart by
+    content. Ours must have been built for `img_size`; the official model (convolutional, SAM's
+    decoder) is built at it."""
+    ckpt = read_checkpoint(path, "student to start from", OfficialCheckpointError)
+    if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT:
+        sam = load_edgesam(path)
+        if sam.image_encoder.img_size != img_size:
+            raise OfficialCheckpointError(f"{path} is an EdgeSAM student for {sam.image_encoder.img_size} px inputs, "
+                                          f"but this run uses {img_size} px")
+        return sam
+    return load_official_edgesam(path, img_size)

@@ -15,7 +15,8 @@ from torch import nn
 from edgesam.config import PromptKDConfig
 from edgesam.data.shards import Sample, SampleDataset
 from edgesam.distill import prompt_in_the_loop_loss
-from edgesam.models.edgesam import load_edgesam, save_edgesam
+from edgesam.models.edgesam import save_edgesam
+from edgesam.models.official import load_student
 from edgesam.models.teacher import TeacherSource
 from edgesam.prompts import Prompts, choose_prompt_kind, gt_boxes, gt_points, sample_annotations
 from edgesam.tasks.data import EmbedShards, embedding_example, loader
@@ -75,7 +76,7 @@ class PromptKDTask:
         return cls(cfg, data, str(student_checkpoint), teacher, seed)
 
     def build_model(self) -> nn.Module:
-        return PromptKDModel(load_edgesam(self.student_checkpoint), self.teacher.load())
+        return PromptKDModel(load_student(self.student_checkpoint, self.data.img_size), self.teacher.load())
 
     def parameters(self, model: nn.Module) -> Iterable[nn.Parameter]:
         student = model.student
