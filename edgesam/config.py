@@ -13,7 +13,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from edgesam.artifacts import path_identity
+
 PROFILES_DIR = Path(__file__).parent / "profiles"
+# Fields marked with this do not change an artifact's content (parallelism, logging, checkpoint
+# cadence): they stay out of the stage's cache key (`cache_view`).
+NOT_IN_KEY = {"cache_key": False}
 STAGES = (
     "data", "shard", "teacher", "embed", "encoder_kd", "prompt_kd", "rpn", "evaluate", "export",
 )
@@ -37,13 +42,13 @@ class TrainConfig(_Config):
     cosine_from_start: bool = False  # cosine over all steps, as timm's warmup_prefix=False (EdgeSAM)
     weight_decay: float = 0.05
     grad_clip: float | None = 1.0
-    amp: bool = True  # only takes effect on GPU
+    amp: bool = Field(True, json_schema_extra=NOT_IN_KEY)  # GPUs only; keyed as the precision (training_key)
     sync_bn: bool = False  # SyncBatchNorm across GPU workers (needs GPUs when num_workers > 1)
-    checkpoint_every: int = 200  # steps
+    checkpoint_every: int = Field(200, json_schema_extra=NOT_IN_KEY)  # steps
     # AdamW without weight decay for biases, other 1-D parameters and normalization layers
     # (the official EdgeSAM phase-1 recipe); False decays every trainable parameter.
     no_decay_norm_bias: bool = False
-    log_every: int = 20  # steps
+    log_every: int = Field(20, json_schema_extra=NOT_IN_KEY)  # steps
     loader_workers: int = 1
 
 
@@ -95,7 +100,7 @@ class ShardConfig(_Config):
     max_count: int = 256  # samples per shard
     max_size: int = 256 * 1024**2  # bytes per shard
     jpeg_quality: int = 95
-    workers: int = 2
+    workers: int = Field(2, json_schema_extra=NOT_IN_KEY)
     max_reject_ratio: float = 0.05
 
 
@@ -119,9 +124,10 @@ class TeacherConfig(_Config):
 
 class EmbedConfig(_Config):
     batch_size: int = 8
-    concurrency: int = 1  # actors in the pool
-    cpus_per_actor: int = 1  # Ray CPUs (and torch threads) of each CPU actor
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # autocast on GPU only
+    concurrency: int = Field(1, json_schema_extra=NOT_IN_KEY)  # actors in the pool
+    cpus_per_actor: int = Field(1, json_schema_extra=NOT_IN_KEY)  # Ray CPUs (and torch threads) of each CPU actor
+    # Autocast on GPUs only; keyed as the precision (pipelines/embed.py runtime_key).
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", json_schema_extra=NOT_IN_KEY)
 
 
 class EncoderKDConfig(_Config):
@@ -202,6 +208,29 @@ class PipelineConfig(_Config):
     rpn: RPNConfig = Field(default_factory=RPNConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+
+
+def cache_view(section: BaseModel) -> dict[str, Any]:
+    """A config section as its stage's cache key sees it: fields marked `NOT_IN_KEY` dropped,
+    paths replaced by the identity of what they point to (`path_identity`)."""
+    view: dict[str, Any] = {}
+    for name, field in type(section).model_fields.items():
+        if (field.json_schema_extra or {}).get("cache_key") is False:
+            continue
+        view[name] = _key_value(getattr(section, name))
+    return view
+
+
+def _key_value(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return cache_view(value)
+    if isinstance(value, Path):
+        return path_identity(value)
+    if isinstance(value, dict):
+        return {str(k): _key_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_key_value(v) for v in value]
+    return value
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from prefect.states import Completed
 
 from edgesam.artifacts import ArtifactStore
 from edgesam.config import PipelineConfig, RuntimeConfig
-from edgesam.train.cluster import connect_ray
+from edgesam.train.cluster import connect_ray, resolve_device
 from flows.caching import ManifestCache, retry_on_transient_io
 from flows.evaluation import publish_evaluation
 from flows.params import Profile, StageName, TeacherKind, pipeline_config
@@ -136,12 +136,13 @@ def edgesam(
         work_dir=work_dir,
     )
     selected, forced = select(stages, force or ())
-    planned = plan(cfg)  # once: every stage of this run agrees on the fingerprints
-    check_upstream(selected, ArtifactStore(cfg.runtime.work_dir), planned)
-    logger.info("profile %s, artifacts under %s, stages %s%s", cfg.profile, cfg.runtime.work_dir,
-                ", ".join(selected), f", forced {', '.join(s for s in selected if s in forced)}" if forced else "")
     rows: list[dict[str, Any]] = []
     with ray_connection(cfg.runtime):
+        cfg = cfg.model_copy(update={"runtime": resolve_device(cfg.runtime)})  # GPUs or not, once
+        planned = plan(cfg)  # once: every stage of this run agrees on the fingerprints
+        check_upstream(selected, ArtifactStore(cfg.runtime.work_dir), planned)
+        logger.info("profile %s, artifacts under %s, stages %s%s", cfg.profile, cfg.runtime.work_dir,
+                    ", ".join(selected), f", forced {', '.join(s for s in selected if s in forced)}" if forced else "")
         for index, name in enumerate(selected, 1):
             logger.info("[%d/%d] %s", index, len(selected), name)
             start = time.perf_counter()

@@ -39,18 +39,17 @@ METRICS_FILE, IOUS_FILE = "metrics.json", "ious.jsonl"
 log = logging.getLogger("edgesam.pipelines.evaluate")
 
 
-def _student(artifact: Artifact):
-    sam = load_edgesam(artifact.path / artifact.manifest["student"])
-    sam.image_encoder.fuse()
-    return sam
+def runtime_key(cfg: EvaluateConfig, runtime: RuntimeConfig) -> dict[str, Any]:
+    return {"seed": runtime.seed}  # random clicks and annotation subsets
 
 
 def run(cfg: EvaluateConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     teacher = TeacherSource.from_artifact(inputs["teacher"]).load()
-    phase2 = _student(inputs["prompt_kd"])
+    phase1, phase2 = (load_edgesam(inputs[s].path / inputs[s].manifest["student"], fuse=True)
+                      for s in ("encoder_kd", "prompt_kd"))
     rpn_manifest = inputs["rpn"].manifest
     rpn = load_rpn(inputs["rpn"].path / rpn_manifest["rpn"])
-    models = [Segmenter("teacher", teacher), Segmenter("encoder_kd", _student(inputs["encoder_kd"])),
+    models = [Segmenter("teacher", teacher), Segmenter("encoder_kd", phase1),
               Segmenter("prompt_kd", phase2)]
     priors = [Segmenter(f"prompt_kd+rpn:{name}", phase2, rpn, rule) for name, rule in PRIOR_RULES.items()]
     protocols = [protocol(name, cfg.refine_iters) for name in cfg.protocols]

@@ -20,12 +20,16 @@ from edgesam.models.edgesam import load_edgesam
 from edgesam.models.teacher import TeacherSource
 from edgesam.tasks.data import EmbedShards
 from edgesam.tasks.prompt_kd import STUDENT_FILE, PromptKDTask
-from edgesam.train import fit, training_summary
+from edgesam.train import fit, training_key, training_summary
 
 STAGE = "prompt_kd"
 UPSTREAM = ("embed", "teacher", "encoder_kd")
 
 log = logging.getLogger("edgesam.pipelines.prompt_kd")
+
+
+def runtime_key(cfg: PromptKDConfig, runtime: RuntimeConfig) -> dict[str, Any]:
+    return training_key(cfg.train, runtime)
 
 
 def run(cfg: PromptKDConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from edgesam.eval.miou import ground_truth_miou
 from edgesam.models.teacher import TeacherCheckpointError, load_sam_checkpoint, verify_sam_checkpoint
 from edgesam.models.tiny_sam import load_tiny_sam, tiny_sam_config
 from edgesam.tasks.teacher import CHECKPOINT, TeacherTask
-from edgesam.train import fit, training_summary
+from edgesam.train import fit, training_key, training_summary
 
 STAGE = "teacher"
 UPSTREAM = ("shard",)
@@ -58,6 +58,10 @@ def _train_reference(cfg: TeacherConfig, runtime: RuntimeConfig, shard: Artifact
              val["box_miou"], val["point_best_of_3_miou"], val["annotations"])
     return {"kind": "synthetic", "checkpoint": CHECKPOINT, "sha256": sha256_file(checkpoint),
             "arch": tiny_sam_config(sam), "img_size": task.img_size, "val": val, "train": training_summary(summary)}
+
+
+def runtime_key(cfg: TeacherConfig, runtime: RuntimeConfig) -> dict[str, Any]:
+    return training_key(cfg.train, runtime) if cfg.kind == "synthetic" else {}
 
 
 def run(cfg: TeacherConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
