@@ -86,11 +86,18 @@ def run_flow(tmp_path, **params):
 
 
 def task_states(flow_state) -> dict[str, str]:
+    """Task-run states of a flow run; waits (up to 30 s) for the server to have recorded them all."""
+    import asyncio
+
     async def read():
         async with get_client() as client:
-            runs = await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
-            )
+            for _ in range(60):
+                runs = await client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
+                )
+                if all(run.state is not None for run in runs):
+                    break
+                await asyncio.sleep(0.5)
         return {run.name: run.state.name for run in runs}
 
     from prefect.utilities.asyncutils import run_coro_as_sync
