@@ -105,9 +105,14 @@ class ShardConfig(_Config):
 
 
 class TeacherConfig(_Config):
-    kind: Literal["synthetic", "vit_h", "vit_l", "vit_b"] = "synthetic"
-    checkpoint: Path | None = None  # required unless kind == "synthetic"
-    # Small ViT of the synthetic reference teacher.
+    # synthetic: train a tiny SAM here; reference: the one shipped in data/reference_teacher/
+    # (trained on the embedded benchmark); vit_h/l/b: a SAM checkpoint.
+    kind: Literal["synthetic", "reference", "vit_h", "vit_l", "vit_b"] = "synthetic"
+    checkpoint: Path | None = None  # required for vit_*; reference: the shipped file unless given
+    sha256: str | None = None  # pin the checkpoint file
+    # A SAM file that is not an official release (nor pinned) is refused unless this is set.
+    allow_unverified: bool = False
+    # Small ViT of the synthetic teacher.
     embed_dim: int = 256
     depth: int = 6
     num_heads: int = 8

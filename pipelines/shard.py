@@ -63,6 +63,7 @@ def run(cfg: ShardConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact], o
         }
     shutil.rmtree(part_dir)
     return {"splits": splits, "target_size": cfg.target_size, "rejected": rejected,
+            "data_checksum": inputs["data"].manifest.get("checksum"),  # the embedded benchmark's version
             "dropped_masks": sum(s["dropped_masks"] for s in summaries), "inputs": len(tasks),
             "images_per_second": round(converted / max(elapsed, 1e-9), 2)}
 
