@@ -83,6 +83,7 @@ class ShardConfig(_Config):
     max_size: int = 256 * 1024**2  # bytes per shard
     jpeg_quality: int = 95
     workers: int = 2
+    # Per level: rejected images / images and rejected annotations / annotations.
     max_reject_ratio: float = 0.05
 
 
