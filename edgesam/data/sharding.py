@@ -1,6 +1,7 @@
 """From input units to shards: conversion tasks, parallel map, reject and repair accounting.
 
-Units are SA-1B tars or directories (`edgesam.data.sa1b`); each is converted by `edgesam.data.units.convert_unit`
+Units are SA-1B tars or directories (`edgesam.data.sa1b`) and slices of COCO sources
+(`edgesam.data.coco_units`); each is converted by `edgesam.data.units.convert_unit`
 (torch-free) into part tars and a summary; a unit with a summary is done. Units run inline,
 in a process pool, or as Ray tasks when Ray is initialized or an address is configured (the
 part directory must then be on storage the Ray workers share).
@@ -16,9 +17,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from edgesam.config import RuntimeConfig, ShardConfig
+from edgesam.data.coco_units import coco_units
 from edgesam.data.sa1b import ConvertTask, find_sources
 from edgesam.data.shards import iter_raw
-from edgesam.data.units import Unit
+from edgesam.data.units import Unit, make_selector
 
 log = logging.getLogger("edgesam.data.sharding")
 
@@ -28,7 +30,7 @@ class RejectRatioError(RuntimeError):
 
 
 def convert_tasks(data: dict[str, Any], cfg: ShardConfig, part_dir: Path) -> list[Unit]:
-    """One task per input unit of the data manifest."""
+    """One task per input unit of the data manifest: SA-1B units, then each COCO source's."""
     common = {"part_dir": part_dir, "target_size": cfg.target_size, "jpeg_quality": cfg.jpeg_quality,
               "val_fraction": cfg.val_fraction}
     tasks: list[Unit] = []
@@ -36,8 +38,11 @@ def convert_tasks(data: dict[str, Any], cfg: ShardConfig, part_dir: Path) -> lis
         units = [(split, unit) for split, found in find_sources(data["sa1b_dir"]).items() for unit in found]
         tasks += [ConvertTask(index=i, unit=unit, split=split, subset_fraction=cfg.subset_fraction,
                               subset_ids_file=cfg.subset_ids_file, **common) for i, (split, unit) in enumerate(units)]
+    select = make_selector(cfg.subset_fraction, cfg.subset_ids_file)
+    for source in data.get("coco_sources", []):
+        tasks += coco_units(source, len(tasks), cfg.coco_unit_images, select, crowd=cfg.crowd, **common)
     if not tasks:
-        raise FileNotFoundError("shard: the data manifest names no sa1b_dir")
+        raise FileNotFoundError("shard: the data manifest names neither sa1b_dir nor coco_sources")
     return tasks
 
 
