@@ -36,9 +36,9 @@ def run(cfg: ShardConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact], o
     part_dir.mkdir(parents=True, exist_ok=True)
     tasks = convert_tasks(data, cfg, part_dir)
     resumed = {t.index for t in tasks if t.summary_path.is_file()}
-    log.info("shard: %d input units from %s (%d done earlier), target %d px, %d workers", len(tasks),
-             [data.get("sa1b_dir"), *(s["annotations"] for s in data.get("coco_sources", []))], len(resumed),
-             cfg.target_size, cfg.workers)
+    sources = [p for p in [data.get("sa1b_dir"), *(s["annotations"] for s in data.get("coco_sources", []))] if p]
+    log.info("shard: %d input units from %s (%d done earlier), target %d px, %d workers",
+             len(tasks), ", ".join(sources), len(resumed), cfg.target_size, cfg.workers)
     start = time.perf_counter()
     summaries: list[dict] = []
     converted = 0  # images converted by this run (not earlier attempts)

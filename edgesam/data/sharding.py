@@ -100,7 +100,8 @@ def check_rejects(summaries: list[dict], cfg: ShardConfig) -> tuple[int, dict[st
         log.warning("shard: ... and %d more rejects (all listed in the manifest)", len(rejected) - 20)
     repaired = [r for s in summaries for r in s["repaired"]]
     if repaired:
-        log.info("shard: %d annotations repaired (listed in the manifest), e.g. %s", len(repaired), repaired[0]["reason"])
+        log.info("shard: %d annotations repaired (listed in the manifest), e.g. %s", len(repaired),
+                 repaired[0]["reason"])
     return accepted, {
         "rejected": rejected, "repaired": repaired, "annotations": kept,
         **{k: sum(s[k] for s in summaries) for k in ("dropped_masks", "crowd_skipped")},
