@@ -7,11 +7,12 @@ are deep-merged with user overrides before validation.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edgesam.artifacts import path_identity
 
@@ -71,13 +72,36 @@ class RuntimeConfig(_Config):
     seed: int = 0
 
 
+class CocoSource(_Config):
+    """A COCO- or LVIS-format instances JSON and its images directory, as distillation input.
+
+    Its samples are keyed `<name>_<image id>`, so keys stay unique across sources and apart
+    from SA-1B's `sa_<id>`.
+    """
+
+    annotations: Path
+    images: Path
+    split: Literal["train", "val", "auto"] = "auto"  # auto: held out by image id with shard.val_fraction
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9-]+$")  # None: the JSON's file stem
+
+    @model_validator(mode="after")
+    def _default_name(self) -> CocoSource:
+        if self.name is None:
+            self.name = re.sub(r"[^A-Za-z0-9-]+", "-", self.annotations.stem).strip("-") or "coco"
+        if self.name == "sa":
+            raise ValueError("coco source name 'sa' is reserved for SA-1B keys (sa_<id>)")
+        return self
+
+
 class DataConfig(_Config):
-    """The embedded benchmark (generated when no SA-1B path is given)."""
+    """The embedded benchmark (generated when neither SA-1B nor COCO sources are given)."""
 
     sa1b_path: Path | None = None  # directory of sa_*.tar (or extracted pairs); skips synthesis
-    coco_train: Path | None = None  # COCO instances JSON for the RPN (real COCO)
-    coco_val: Path | None = None
-    coco_images: Path | None = None
+    # COCO/LVIS instances JSONs + images to distil on, alone or with sa1b_path; skips synthesis.
+    coco_sources: list[CocoSource] = Field(default_factory=list)
+    coco_train: Path | None = None  # COCO instances JSON for the RPN (default: the train coco_source)
+    coco_val: Path | None = None  # (default: the val coco_source)
+    coco_images: Path | None = None  # (default: their images directory when they share one)
     num_train: int = 800
     num_val: int = 100
     images_per_tar: int = 100
@@ -91,6 +115,13 @@ class DataConfig(_Config):
     min_mask_fraction: float = 0.003
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _distinct_sources(self) -> DataConfig:
+        names = [s.name for s in self.coco_sources]
+        if len(set(names)) < len(names):
+            raise ValueError(f"data.coco_sources: names {names} repeat; give each source a distinct `name`")
+        return self
+
 
 class ShardConfig(_Config):
     target_size: int = 256  # longest side after resizing (1024 for real SAM)
@@ -101,7 +132,12 @@ class ShardConfig(_Config):
     max_size: int = 256 * 1024**2  # bytes per shard
     jpeg_quality: int = 95
     workers: int = Field(2, json_schema_extra=NOT_IN_KEY)
+    # Per level: rejected images / images and rejected annotations / annotations.
     max_reject_ratio: float = 0.05
+    # COCO crowd regions (iscrowd=1, one mask over many objects): left out of the sample
+    # (skip), kept as one more mask (as_mask), or their whole image rejected (reject_image).
+    crowd: Literal["skip", "as_mask", "reject_image"] = "skip"
+    coco_unit_images: int = Field(256, ge=1)  # images of a COCO source per conversion unit
 
 
 class TeacherConfig(_Config):

@@ -14,6 +14,7 @@ TeacherKind = Literal["synthetic", "vit_h", "vit_l", "vit_b"]
 # Flow parameter -> (config section, field).
 SHORTCUTS: dict[str, tuple[str, str]] = {
     "sa1b_path": ("data", "sa1b_path"),
+    "coco_sources": ("data", "coco_sources"),
     "coco_train": ("data", "coco_train"),
     "coco_val": ("data", "coco_val"),
     "coco_images": ("data", "coco_images"),

@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
 
 from edgesam.artifacts import ArtifactStore
-from edgesam.config import PipelineConfig, RuntimeConfig
+from edgesam.config import CocoSource, PipelineConfig, RuntimeConfig
 from edgesam.train.cluster import connect_ray, resolve_device
 from flows.caching import ManifestCache, retry_on_transient_io
 from flows.evaluation import publish_evaluation
@@ -94,6 +94,7 @@ def summary_markdown(cfg: PipelineConfig, rows: list[dict[str, Any]]) -> str:
 def edgesam(
     profile: Profile = "default",
     sa1b_path: Path | None = None,
+    coco_sources: list[CocoSource] | None = None,
     coco_train: Path | None = None,
     coco_val: Path | None = None,
     coco_images: Path | None = None,
@@ -115,7 +116,10 @@ def edgesam(
     Args:
         profile: `smoke` (minutes), `default` (the embedded benchmark, about an hour on 2 CPU
             cores) or `paper` (SA-1B, SAM ViT-H, GPUs).
-        sa1b_path: directory of SA-1B `sa_*.tar` files; without it the embedded benchmark is generated.
+        sa1b_path: directory of SA-1B `sa_*.tar` files; without it (or coco_sources) the embedded
+            benchmark is generated.
+        coco_sources: COCO/LVIS instances JSONs + images to distil on (alone or with sa1b_path), e.g.
+            `[{"annotations": "a.json", "images": "img/", "split": "train"}]`; split train, val or auto.
         coco_train, coco_val, coco_images: COCO instances JSONs and image directory for the RPN.
         teacher_kind, teacher_checkpoint: `synthetic` (trained here) or a SAM ViT and its checkpoint.
         backbone: the student's timm model name, e.g. `repvit_m1`, `resnet18`, `mobilenetv3_large_100`.
@@ -130,10 +134,10 @@ def edgesam(
     logger = get_run_logger()
     forward_stage_logs()
     cfg = pipeline_config(
-        profile, overrides, sa1b_path=sa1b_path, coco_train=coco_train, coco_val=coco_val,
-        coco_images=coco_images, teacher_kind=teacher_kind, teacher_checkpoint=teacher_checkpoint,
-        backbone=backbone, ray_address=ray_address, num_workers=num_workers, use_gpu=use_gpu,
-        work_dir=work_dir,
+        profile, overrides, sa1b_path=sa1b_path, coco_sources=coco_sources, coco_train=coco_train,
+        coco_val=coco_val, coco_images=coco_images, teacher_kind=teacher_kind,
+        teacher_checkpoint=teacher_checkpoint, backbone=backbone, ray_address=ray_address,
+        num_workers=num_workers, use_gpu=use_gpu, work_dir=work_dir,
     )
     selected, forced = select(stages, force or ())
     rows: list[dict[str, Any]] = []
