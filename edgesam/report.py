@@ -169,7 +169,8 @@ def write_report(metrics: dict[str, Any], overlays: Sequence[Overlay], out: Path
     plot_speed_vs_miou(speed, headline["miou"], out / SPEED_PLOT, headline["label"])
     lines = ["# EdgeSAM evaluation", "", "IoU per annotation at the image's resolution, averaged over annotations.", ""]
     for name, protocol in metrics["protocols"].items():
-        lines += [f"## mIoU, protocol `{name}`", "", describe_protocol(protocol), "", *miou_tables(miou[name], name)]
+        lines += [f"## mIoU, protocol `{name}`", "", describe_protocol(protocol), "", *miou_tables(miou[name], name),
+                  *comparison_table(metrics["comparisons"][name], name)]
     lines += [f"![mIoU per prompt type, protocol {first}]({MIOU_PLOT})", ""]
     prior = metrics.get("granularity_prior")
     if prior:
@@ -185,6 +186,21 @@ def write_report(metrics: dict[str, Any], overlays: Sequence[Overlay], out: Path
                   "", f"![overlays]({OVERLAY_PLOT})", ""]
     write_text_atomic(out / "report.md", "\n".join(lines))
     return ["report.md", *files]
+
+
+def comparison_table(rows: list[dict[str, Any]], protocol: str) -> list[str]:
+    """Paired comparisons with their bootstrap 95% intervals over images."""
+    lines = [f"### Comparisons, protocol `{protocol}`", "",
+             "Paired bootstrap over images (2000 resamples), 95% intervals; * where the difference's interval "
+             "excludes 0.", "",
+             "| dataset | prompt | model | baseline | model mIoU | baseline mIoU | difference [95%] | ratio [95%] |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | {r['prompt']} | {r['model']} | {r['baseline']} | {_fmt(r['a'])} | "
+                     f"{_fmt(r['b'])} | {r['diff']:+.3f} [{r['diff_low']:+.3f}, {r['diff_high']:+.3f}]"
+                     f"{' *' if r['significant'] else ''} | {r['ratio']:.3f} [{r['ratio_low']:.3f}, "
+                     f"{r['ratio_high']:.3f}] |")
+    return lines + [""]
 
 
 def prior_section(prior: dict[str, Any]) -> list[str]:

@@ -26,6 +26,7 @@ from edgesam.eval.datasets import coco_items, shard_items
 from edgesam.eval.engine import Segmenter, protocol
 from edgesam.eval.miou import evaluate, records_jsonl
 from edgesam.eval.speed import model_speed
+from edgesam.eval.stats import comparisons
 from edgesam.metrics import summarize
 from edgesam.models.edgesam import load_edgesam
 from edgesam.models.rpn import PRIOR_RULES, load_rpn
@@ -70,6 +71,7 @@ def run(cfg: EvaluateConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact]
             records[key] += found[key]
         prior_stats[name] = {model: asdict(s) for model, s in stats.items()}
     miou = {key: summarize(value) for key, value in records.items()}
+    intervals = {key: comparisons(value) for key, value in records.items()}
     write_text_atomic(out / IOUS_FILE, records_jsonl(records))
 
     log.info("measuring speed (%d repeats)", cfg.speed_repeats)
@@ -84,7 +86,8 @@ def run(cfg: EvaluateConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact]
     }
     headline = protocols[0].name
     metrics = {
-        "protocols": {p.name: asdict(p) for p in protocols}, "miou": miou, "speed": speed, "granularity_prior": prior,
+        "protocols": {p.name: asdict(p) for p in protocols}, "miou": miou, "comparisons": intervals, "speed": speed,
+        "granularity_prior": prior,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s)",
         "headline": {
             "label": f"SA-1B val mIoU (box and point prompts, mean; protocol {headline})",
