@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from edgesam.config import STAGES
 from flows.pipeline import edgesam
-from pipelines.cli import parse_overrides
+from edgesam.config import parse_overrides
 
 
 def headline(metrics: dict[str, Any], export_manifest: dict[str, Any] | None = None) -> str:

@@ -9,27 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any, Sequence
+from typing import Sequence
 
-import yaml
-
-from edgesam.config import STAGES, load_profile
+from edgesam.config import STAGES, load_profile, parse_overrides
 from pipelines.stage import run_dag
-
-
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """Turn `a.b=value` strings into a nested dict (values parsed as YAML scalars)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
-    return out
 
 
 def main(argv: Sequence[str] | None = None, stage: str | None = None) -> None:

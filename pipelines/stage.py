@@ -7,7 +7,7 @@ Every stage module in `pipelines/` defines
     def run(cfg, runtime, inputs, out) -> dict
     def runtime_key(cfg, runtime) -> dict    # optional: the runtime settings its result depends on
 
-where `cfg` is its own section of `PipelineConfig`, `runtime` the shared `RuntimeConfig`,
+where `cfg` is its own section of `PipelineConfig` (named as the stage), `runtime` the shared `RuntimeConfig`,
 `inputs` the committed upstream artifacts by stage name, and `out` the artifact directory to
 fill. The fingerprint hashes the section (`cache_view`: without the fields that cannot change
 the result, with external files identified by size and mtime), `runtime_key`, the upstream
@@ -30,14 +30,6 @@ from edgesam.config import STAGES, PipelineConfig, cache_view
 from edgesam.train.cluster import resolve_device
 
 log = logging.getLogger("edgesam.pipelines")
-
-# Which stage reads which config section; also the module name under `pipelines/`.
-SECTIONS = {
-    "data": "data", "shard": "shard", "teacher": "teacher", "embed": "embed",
-    "encoder_kd": "encoder_kd", "prompt_kd": "prompt_kd", "rpn": "rpn",
-    "evaluate": "evaluate", "export": "export",
-}
-
 
 class MissingUpstreamError(RuntimeError):
     """A stage was asked to run but an upstream artifact it needs is not committed."""
@@ -62,7 +54,7 @@ def plan(cfg: PipelineConfig) -> dict[str, PlannedStage]:
     planned: dict[str, PlannedStage] = {}
     for name in STAGES:
         module = stage_module(name)
-        section = getattr(cfg, SECTIONS[name])
+        section = getattr(cfg, name)
         upstream = {u: planned[u].fingerprint for u in module.UPSTREAM}
         key = {"section": cache_view(section), "runtime": getattr(module, "runtime_key", lambda c, r: {})(section, runtime)}
         planned[name] = PlannedStage(name, fingerprint(name, key, upstream, code_version(module.__file__)), upstream)
@@ -129,11 +121,11 @@ def run_stage(
     log.info("stage %s: running -> %s", name, artifact.path)
     start = time.perf_counter()
     module = stage_module(name)
-    body = module.run(getattr(cfg, SECTIONS[name]), cfg.runtime, inputs, artifact.path)
+    body = module.run(getattr(cfg, name), cfg.runtime, inputs, artifact.path)
     elapsed = time.perf_counter() - start
     artifact.commit({
         **body,
-        "config": getattr(cfg, SECTIONS[name]).model_dump(mode="json"),
+        "config": getattr(cfg, name).model_dump(mode="json"),
         "upstream": planned.upstream,
         "seconds": round(elapsed, 2),
     })

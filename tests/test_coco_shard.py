@@ -20,7 +20,7 @@ from edgesam.data.units import id_fraction
 from edgesam.eval.datasets import shard_items
 from flows.params import pipeline_config
 from pipelines import shard
-from pipelines.cli import parse_overrides
+from edgesam.config import parse_overrides
 from pipelines.stage import run_dag
 
 SIZES = [(320, 240), (200, 300), (256, 256), (180, 150), (400, 300), (300, 330)]  # (w, h) of images 1..6
