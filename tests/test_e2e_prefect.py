@@ -98,7 +98,7 @@ class Stack:
             return False
 
     def deployments_served(self) -> bool:
-        return len(self.client(lambda c: c.read_deployments())) == 2
+        return len(self.client(lambda c: c.read_deployments())) == 3
 
     def client(self, call):
         async def go():

@@ -177,3 +177,29 @@ def test_retries_transient_io_only(tmp_path, fake):
     with pytest.raises(ValueError, match="corrupt shard"):
         state.result()
     assert not list((tmp_path / "runs" / "shard").glob("*/manifest.json"))
+
+
+def test_ablation_flow_reruns_prompt_kd_per_variant_and_tabulates_intervals(tmp_path, fake):
+    from edgesam.eval.miou import records_jsonl
+    from edgesam.metrics import IoURecord
+    from flows.ablations import edgesam_ablations
+
+    run = fake._runner("prompt_kd")
+
+    def prompt_kd(cfg, runtime, inputs, out):  # IoUs that depend on the variant's decoding iterations
+        records = [IoURecord("prompt_kd", "val", prompt, "all", min(1.0, 0.3 + 0.1 * cfg.decode_iters + 0.01 * (i % 3)),
+                             f"img{i}") for prompt in ("box_gt", "point_gt", "box_teacher", "point_teacher")
+                   for i in range(12)]
+        (out / "val_ious.jsonl").write_text(records_jsonl({"val": records}))
+        return run(cfg, runtime, inputs, out)
+
+    fake.modules["prompt_kd"].run = prompt_kd
+    edgesam(profile="smoke", work_dir=tmp_path / "runs")  # the upstream, committed
+    fake.calls.clear()
+    result = edgesam_ablations(profile="smoke", work_dir=tmp_path / "runs", variants=["decode_iters=1", "decode_iters=3"])
+    assert fake.calls == ["prompt_kd"] * 2  # the variants; the baseline (smoke: 2 iterations) is cached
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows["decode_iters=3"]["box_gt_vs_baseline"]["diff"] > 0 and rows["decode_iters=3"]["box_gt_vs_baseline"]["significant"]
+    assert rows["decode_iters=1"]["box_gt_vs_baseline"]["diff"] < 0
+    table = Path(result["table"]).read_text()
+    assert "decode_iters=3" in table and "(baseline)" in table
