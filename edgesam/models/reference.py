@@ -98,3 +98,20 @@ def pack_reference(trained: Path, out_dir: Path, benchmark: dict[str, Any], val:
             "benchmark": benchmark, "val": val, "recipe": recipe}
     write_json_atomic(Path(out_dir) / META, meta)
     return meta
+
+
+def pack_teacher_artifact(artifact_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """`pack_reference` of a committed synthetic teacher artifact: the benchmark is the data
+    artifact upstream of its shards (checksum) at the shards' size, the val figures and recipe
+    its manifest's."""
+    artifact_dir = Path(artifact_dir)
+    manifest = json.loads((artifact_dir / "manifest.json").read_text())
+    if manifest.get("kind") != "synthetic":
+        raise TeacherCheckpointError(f"{artifact_dir} is a {manifest.get('kind')} teacher, not one trained here")
+    root = artifact_dir.parents[1]
+    shard = json.loads((root / "shard" / manifest["upstream"]["shard"] / "manifest.json").read_text())
+    data = json.loads((root / "data" / shard["upstream"]["data"] / "manifest.json").read_text())
+    benchmark = {"data_checksum": data["checksum"], "target_size": shard["target_size"]}
+    recipe = {"teacher": manifest["config"], "steps": manifest["train"]["steps"],
+              "train_seconds": manifest["train"].get("train_seconds", manifest["train"].get("seconds"))}
+    return pack_reference(artifact_dir / manifest["checkpoint"], out_dir, benchmark, manifest["val"], recipe)
