@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
+# Minutes of CPU (SAM ViT-B at 1024 on every teacher pass): its own CI step, `scripts/test.sh -m dryrun`.
+pytestmark = [pytest.mark.dryrun, pytest.mark.timeout(2400)]
 
 IMG = 1024
 
@@ -87,6 +88,7 @@ def test_paper_shaped_dry_run_at_1024_on_two_nodes(cluster, tmp_path):
     from edgesam.config import load_profile
     from pipelines.stage import run_dag
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
     shared = tmp_path / "shared"  # the one filesystem every node sees: storage and artifacts
     checkpoint = tmp_path / "sam_vit_b_random.pth"
     torch.save(sam_model_registry["vit_b"]().state_dict(), checkpoint)  # SAM's format, random weights
