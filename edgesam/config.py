@@ -120,7 +120,7 @@ class TeacherConfig(_Config):
 class EmbedConfig(_Config):
     batch_size: int = 8
     concurrency: int = 1  # actors in the pool
-    cpus_per_actor: int = 1  # Ray CPUs (and torch threads) of each CPU actor
+    cpus_per_actor: int = 1  # Ray CPUs of each actor: its JPEG decoding threads (and torch threads on CPU)
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # autocast on GPU only
 
 
