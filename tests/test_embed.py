@@ -24,7 +24,7 @@ from pipelines.stage import clear_partial_writes, run_dag
 # float16 keeps 11 significant bits: a stored value is within 2**-11 (relative) of the float32
 # embedding; we allow 2**-10 relative plus 1e-4 absolute for float32 batch-size effects.
 FP16_RTOL, FP16_ATOL = 2**-10, 1e-4
-RUNTIME = RuntimeConfig(num_workers=1, object_store_mb=128)
+RUNTIME = RuntimeConfig(num_workers=1, object_store_mb=128, use_gpu=False)  # float32 parity, also on GPU hosts
 
 
 @pytest.fixture(scope="module")
