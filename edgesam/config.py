@@ -166,7 +166,8 @@ class TeacherConfig(_Config):
 class EmbedConfig(_Config):
     batch_size: int = 8
     concurrency: int = Field(1, json_schema_extra=NOT_IN_KEY)  # actors in the pool
-    cpus_per_actor: int = Field(1, json_schema_extra=NOT_IN_KEY)  # Ray CPUs (and torch threads) of each CPU actor
+    # Ray CPUs of each actor: its JPEG decoding threads (and torch threads on CPU).
+    cpus_per_actor: int = Field(1, json_schema_extra=NOT_IN_KEY)
     # Autocast on GPUs only; keyed as the precision (pipelines/embed.py runtime_key).
     dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", json_schema_extra=NOT_IN_KEY)
 

@@ -1,15 +1,19 @@
-"""Embed stage: parity with a direct teacher call, reader alignment, per-shard resume, clear errors."""
+"""Embed stage: parity with a direct teacher call, byte-identical shards, reader alignment, no
+embeddings through the driver, per-shard resume, clear errors."""
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from edgesam.artifacts import Artifact, ArtifactStore, clear_partial_writes, sha256_file, temp_path
 from edgesam.config import EmbedConfig, RuntimeConfig, load_profile
+from edgesam.data.embeddings import EMBEDDING, encode_npy, write_shard
 from edgesam.data.shards import iter_raw, iter_samples, list_shards
 from edgesam.data.transforms import preprocess
 from edgesam.models.teacher import TeacherCheckpointError
@@ -20,7 +24,7 @@ from pipelines.stage import run_dag
 # float16 keeps 11 significant bits: a stored value is within 2**-11 (relative) of the float32
 # embedding; we allow 2**-10 relative plus 1e-4 absolute for float32 batch-size effects.
 FP16_RTOL, FP16_ATOL = 2**-10, 1e-4
-RUNTIME = RuntimeConfig(num_workers=1, object_store_mb=128)
+RUNTIME = RuntimeConfig(num_workers=1, object_store_mb=128, use_gpu=False)  # float32 parity, also on GPU hosts
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +51,7 @@ def make_teacher(directory, sam=None) -> Artifact:
 
 @pytest.fixture(scope="module")
 def embedded(shard_artifact, tmp_path_factory):
+    """The stage run once, with every object the driver fetched from Ray's object store recorded."""
     import ray
 
     torch.manual_seed(0)
@@ -54,13 +59,23 @@ def embedded(shard_artifact, tmp_path_factory):
     teacher = make_teacher(tmp_path_factory.mktemp("teacher"), sam)
     out = tmp_path_factory.mktemp("embed")
     inputs = {"shard": shard_artifact, "teacher": teacher}
-    manifest = embed.run(EmbedConfig(batch_size=3), RUNTIME, inputs, out)
-    yield sam, inputs, out, manifest
+    fetched = []
+    get = ray.get
+
+    def recording_get(*args, **kwargs):  # Ray Data's iterators resolve every block with ray.get
+        value = get(*args, **kwargs)
+        fetched.extend(value if isinstance(value, list) else [value])
+        return value
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ray, "get", recording_get)
+        manifest = embed.run(EmbedConfig(batch_size=3), RUNTIME, inputs, out)
+    yield sam, inputs, out, manifest, fetched
     ray.shutdown()
 
 
 def test_embeddings_match_a_direct_teacher_call(embedded):
-    sam, _, out, manifest = embedded
+    sam, _, out, manifest, _ = embedded
     assert manifest["embedding_shape"] == [256, 16, 16] and manifest["img_size"] == 256
     samples = list(iter_samples(list_shards(out, "train") + list_shards(out, "val")))
     assert len(samples) == 8
@@ -73,8 +88,41 @@ def test_embeddings_match_a_direct_teacher_call(embedded):
                                        rtol=FP16_RTOL, atol=FP16_ATOL)
 
 
+def test_shards_are_byte_identical_to_a_direct_teacher_pass_written_with_write_shard(embedded, tmp_path):
+    """What the stage wrote before its actors wrote their own shards: the input members plus
+    the float16 embedding of a direct (unbatched, float32) teacher call, through `write_shard`."""
+    sam, inputs, out, manifest, _ = embedded
+    for split in ("train", "val"):
+        for entry in manifest["splits"][split]["shards"]:
+            source = inputs["shard"].path / entry["path"]
+            samples = []
+            with torch.no_grad():
+                for key, members in iter_raw(source):
+                    x, _ = preprocess(np.asarray(Image.open(io.BytesIO(members["jpg"])).convert("RGB")), 256)
+                    embedding = sam.image_encoder(x[None])[0].numpy().astype(np.float16)
+                    samples.append((key, {**members, EMBEDDING: encode_npy(embedding)}))
+            expected = tmp_path / split / source.name
+            write_shard(samples, expected, len(samples), str(source))
+            written = out / entry["path"]
+            assert written.read_bytes() == expected.read_bytes(), f"{written} differs from {expected}"
+            assert (entry["bytes"], entry["sha256"]) == (written.stat().st_size, sha256_file(written))
+
+
+def test_driver_receives_shard_summaries_never_embeddings(embedded):
+    _, _, out, manifest, fetched = embedded
+    import pyarrow as pa
+
+    blocks = [value for value in fetched if isinstance(value, pa.Table)]
+    assert sum(block.num_rows for block in blocks) == 4  # one summary per computed shard, nothing else
+    assert all(set(block.column_names) == {"source", "path", "samples", "bytes", "sha256"} for block in blocks)
+    one_embedding = 256 * 16 * 16 * 2
+    assert sum(block.nbytes for block in blocks) < one_embedding / 10  # the shards hold 8 embeddings
+    assert not any(isinstance(value, (bytes, np.ndarray)) and len(value) >= one_embedding for value in fetched)
+    assert manifest["computed_shards"] == 4 and len(list(out.glob("*/shard-*.tar"))) == 4
+
+
 def test_shards_keep_every_input_member_aligned_by_key(embedded):
-    _, inputs, out, manifest = embedded
+    _, inputs, out, manifest, _ = embedded
     shard = inputs["shard"]
     for split in ("train", "val"):
         sources = list_shards(shard.path, split)
@@ -90,7 +138,7 @@ def test_shards_keep_every_input_member_aligned_by_key(embedded):
 
 
 def test_rerun_after_kill_recomputes_only_missing_shards(embedded):
-    _, inputs, out, _ = embedded
+    _, inputs, out, _, _ = embedded
     missing = out / "train" / "shard-000001.tar"
     expected_sha = sha256_file(missing)
     missing.unlink()

@@ -1,47 +1,51 @@
-"""Distillation shards: the teacher's embedding beside each sample, computed in Ray Data batches.
+"""Distillation shards: each input shard embedded and written by one Ray Data actor.
 
-`resize_batch` (CPU tasks) decodes and resizes images as SAM does; `TeacherEncoder` (an actor
-pool, one GPU per actor when there are GPUs) turns them into float16 embeddings; `write_shard`
-writes one input shard's rows, with an `emb.npy` member per sample, to its output shard.
+`embed_shards` maps `ShardEmbedder` over the input shards with an actor pool (one GPU per
+actor when there are GPUs). One input shard is one unit of work: the actor streams the tar,
+decodes and resizes its images in threads a few batches ahead, runs the teacher's image
+encoder on batches and streams each sample, with an `emb.npy` member, into the output shard,
+committed atomically when complete. Only a per-shard summary (path, samples, bytes, sha256)
+goes back to the driver: at 1024 px each sample carries a 2 MiB embedding, which would make
+one driver loop the bottleneck of N GPUs.
+
+Actors write where the driver expects the shards, so the output directory must be storage
+every node can write: on a cluster, the artifact directory on a shared filesystem.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import itertools
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from edgesam.config import EmbedConfig
+from edgesam.data.shards import iter_raw
 from edgesam.data.tars import tar_writer
-from edgesam.data.transforms import normalize_pad, resize_image
+from edgesam.data.transforms import preprocess
 from edgesam.models.teacher import TeacherSource
 
 EMBEDDING = "emb.npy"
-BOOKKEEPING = ("__key__", "__url__")  # read_webdataset's columns that are not members
+LOOKAHEAD = 2  # batches decoded ahead of the encoder, so the accelerator rarely waits for JPEG decoding
 
 
-def resize_batch(batch: dict[str, np.ndarray], img_size: int) -> dict[str, np.ndarray]:
-    """Decode each JPEG and resize its longest side to `img_size` (SAM's resize), zero-padded
-    to img_size x img_size uint8, with the valid (h, w) beside it."""
-    pixels = np.zeros((len(batch["jpg"]), img_size, img_size, 3), dtype=np.uint8)
-    hw = np.zeros((len(batch["jpg"]), 2), dtype=np.int64)
-    for i, payload in enumerate(batch["jpg"]):
-        with Image.open(io.BytesIO(payload)) as img:
-            resized = resize_image(np.asarray(img.convert("RGB")), img_size)
-        pixels[i, : resized.shape[0], : resized.shape[1]] = resized
-        hw[i] = resized.shape[:2]
-    return {**batch, "pixels": pixels, "hw": hw}
-
-
-def teacher_input(pixels: np.ndarray, hw: np.ndarray, img_size: int) -> torch.Tensor:
-    """(B, 3, S, S) normalized, padded teacher input from `resize_batch`'s columns (= `preprocess`)."""
-    return torch.stack([
-        normalize_pad(torch.from_numpy(p[:h, :w]).permute(2, 0, 1).float(), img_size)
-        for p, (h, w) in zip(pixels, hw)
-    ])
+def teacher_input(source: str, key: str, members: Mapping[str, bytes], img_size: int) -> torch.Tensor:
+    """(3, S, S) normalized, padded teacher input of one sample's JPEG (= `preprocess`)."""
+    if "jpg" not in members:
+        raise ValueError(f"{source}: sample {key!r} has no 'jpg' member (found {sorted(members)})")
+    try:
+        with Image.open(io.BytesIO(members["jpg"])) as img:
+            image = np.asarray(img.convert("RGB"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{source}: sample {key!r}: cannot decode its jpg ({error})") from error
+    return preprocess(image, img_size)[0]
 
 
 def encode_npy(array: np.ndarray) -> bytes:
@@ -50,38 +54,81 @@ def encode_npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-class TeacherEncoder:
-    """Ray Data actor: the teacher's image encoder on batches from `resize_batch`."""
-
-    def __init__(self, teacher: TeacherSource, dtype: str, gpu: bool, threads: int):
-        self.device = torch.device("cuda") if gpu and torch.cuda.is_available() else torch.device("cpu")
-        if self.device.type == "cpu":
-            torch.set_num_threads(threads)
-        self.encoder = teacher.load().image_encoder.eval().to(self.device)
-        self.img_size = teacher.img_size
-        self.autocast = self.device.type == "cuda" and dtype != "float32"
-        self.dtype = getattr(torch, dtype)
-
-    @torch.no_grad()
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = teacher_input(batch.pop("pixels"), batch.pop("hw"), self.img_size).to(self.device)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
-            embeddings = self.encoder(x)
-        embeddings = embeddings.float().cpu().numpy().astype(np.float16)
-        blobs = np.empty(len(embeddings), dtype=object)
-        for i, embedding in enumerate(embeddings):
-            blobs[i] = encode_npy(embedding)
-        return {**batch, EMBEDDING: blobs}
-
-
-def write_shard(rows: Iterable[dict[str, Any]], target: Path, expected: int, source: str) -> int:
-    """Write one input shard's rows (with their embeddings) to `target`, committed only when
-    all `expected` samples arrived; returns the count."""
+def write_shard(samples: Iterable[tuple[str, Mapping[str, bytes]]], target: Path, expected: int, source: str,
+                digest: Any = None) -> int:
+    """Write one input shard's samples (key, members with the embedding) to `target`, committed only
+    when all `expected` samples arrived; `digest` (a hashlib object) sees the bytes as they are written.
+    Returns the count."""
     count = 0
-    with tar_writer(target) as write:
-        for row in rows:
-            write(row["__key__"], {ext: bytes(v) for ext, v in row.items() if ext not in BOOKKEEPING and v is not None})
+    with tar_writer(target, digest) as write:
+        for key, members in samples:
+            write(key, members)
             count += 1
         if count != expected:
             raise RuntimeError(f"{source}: embedded {count} samples, the shard manifest lists {expected}")
     return count
+
+
+class ShardEmbedder:
+    """Ray Data actor: embeds whole input shards and writes each output shard itself.
+
+    `threads` is both the torch threads of a CPU actor and the JPEG decoding threads.
+    """
+
+    def __init__(self, teacher: TeacherSource, dtype: str, gpu: bool, threads: int, batch_size: int):
+        self.device = torch.device("cuda") if gpu and torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        self.encoder = teacher.load().image_encoder.eval().to(self.device)
+        self.img_size, self.batch_size = teacher.img_size, batch_size
+        self.autocast = self.device.type == "cuda" and dtype != "float32"
+        self.dtype = getattr(torch, dtype)
+        self.decoders = ThreadPoolExecutor(max(1, threads), thread_name_prefix="decode")
+
+    def __call__(self, job: dict[str, Any]) -> dict[str, Any]:
+        source, target, digest = job["source"], Path(job["target"]), hashlib.sha256()
+        count = write_shard(self._embedded(source), target, job["samples"], source, digest)
+        return {"source": source, "path": str(target), "samples": count, "bytes": target.stat().st_size,
+                "sha256": digest.hexdigest()}
+
+    def _embedded(self, source: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """The shard's samples in tar order, each with its embedding added."""
+        pending: deque[tuple[list, list[Future]]] = deque()
+        samples = iter_raw(source)
+        while chunk := list(itertools.islice(samples, self.batch_size)):
+            pending.append((chunk, [self.decoders.submit(teacher_input, source, key, members, self.img_size)
+                                    for key, members in chunk]))
+            if len(pending) > LOOKAHEAD:
+                yield from self._encode(*pending.popleft())
+        while pending:
+            yield from self._encode(*pending.popleft())
+
+    @torch.no_grad()
+    def _encode(self, chunk: list[tuple[str, dict[str, bytes]]], inputs: list[Future]) -> Iterator[tuple[str, dict[str, bytes]]]:
+        x = torch.stack([future.result() for future in inputs]).to(self.device)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
+            embeddings = self.encoder(x)
+        embeddings = embeddings.float().cpu().numpy().astype(np.float16)
+        for (key, members), embedding in zip(chunk, embeddings):
+            yield key, {**members, EMBEDDING: encode_npy(embedding)}
+
+
+def embed_shards(jobs: Sequence[tuple[str, Path, int]], teacher: TeacherSource, cfg: EmbedConfig,
+                 gpu: bool) -> Iterator[dict[str, Any]]:
+    """Embed each (source shard, target path, samples) of `jobs` in an actor pool (Ray must be
+    connected); yield each shard's summary (source, path, samples, bytes, sha256) once it is
+    committed, in completion order."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the caller shows its own
+    ds = ray.data.from_items([{"source": str(s), "target": str(t), "samples": n} for s, t, n in jobs],
+                             override_num_blocks=len(jobs))  # one shard per block: actors take shards one by one
+    ds = ds.map(
+        ShardEmbedder,
+        fn_constructor_kwargs={"teacher": teacher, "dtype": cfg.dtype, "gpu": gpu, "threads": cfg.cpus_per_actor,
+                               "batch_size": cfg.batch_size},
+        # One shard in flight per actor: a shard is long, so a queue would only unbalance the tail.
+        compute=ray.data.ActorPoolStrategy(size=min(cfg.concurrency, len(jobs)), max_tasks_in_flight_per_actor=1),
+        num_gpus=1 if gpu else 0, num_cpus=cfg.cpus_per_actor,
+    )
+    yield from ds.iter_rows()

@@ -27,6 +27,7 @@ def connect_ray(runtime: RuntimeConfig) -> None:
     log.info("starting a local Ray (%d CPUs, object store %d MiB)",
              os.cpu_count() or 1, runtime.object_store_mb)
     ray.init(
+        address="local",  # without it, Ray joins the last cluster `ray start` left on this machine
         num_cpus=os.cpu_count() or 1,
         object_store_memory=runtime.object_store_mb * 1024**2,
         include_dashboard=False,
