@@ -170,6 +170,8 @@ class EmbedConfig(_Config):
     cpus_per_actor: int = Field(1, json_schema_extra=NOT_IN_KEY)
     # Autocast on GPUs only; keyed as the precision (pipelines/embed.py runtime_key).
     dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", json_schema_extra=NOT_IN_KEY)
+    sdpa: bool = True  # SAM's ViT attention through fused SDPA kernels (edgesam/models/sdpa.py)
+    compile: bool = False  # torch.compile the teacher's encoder (GPU actors only)
 
 
 class EncoderKDConfig(_Config):

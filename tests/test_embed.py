@@ -3,6 +3,7 @@ embeddings through the driver, per-shard resume, clear errors."""
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 
@@ -90,8 +91,13 @@ def test_embeddings_match_a_direct_teacher_call(embedded):
 
 def test_shards_are_byte_identical_to_a_direct_teacher_pass_written_with_write_shard(embedded, tmp_path):
     """What the stage wrote before its actors wrote their own shards: the input members plus
-    the float16 embedding of a direct (unbatched, float32) teacher call, through `write_shard`."""
+    the float16 embedding of a direct (unbatched, float32) teacher call, through `write_shard`
+    (its attention through SDPA, as the stage's default `embed.sdpa`)."""
+    from edgesam.models.sdpa import use_sdpa
+
     sam, inputs, out, manifest, _ = embedded
+    sam = copy.deepcopy(sam)
+    use_sdpa(sam.image_encoder)
     for split in ("train", "val"):
         for entry in manifest["splits"][split]["shards"]:
             source = inputs["shard"].path / entry["path"]

@@ -30,6 +30,7 @@ from edgesam.config import EmbedConfig
 from edgesam.data.shards import iter_raw
 from edgesam.data.tars import tar_writer
 from edgesam.data.transforms import preprocess
+from edgesam.models.sdpa import use_sdpa
 from edgesam.models.teacher import TeacherSource
 
 EMBEDDING = "emb.npy"
@@ -75,11 +76,16 @@ class ShardEmbedder:
     `threads` is both the torch threads of a CPU actor and the JPEG decoding threads.
     """
 
-    def __init__(self, teacher: TeacherSource, dtype: str, gpu: bool, threads: int, batch_size: int):
+    def __init__(self, teacher: TeacherSource, dtype: str, gpu: bool, threads: int, batch_size: int,
+                 sdpa: bool = True, compile: bool = False):
         self.device = torch.device("cuda") if gpu and torch.cuda.is_available() else torch.device("cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
         self.encoder = teacher.load().image_encoder.eval().to(self.device)
+        if sdpa:
+            use_sdpa(self.encoder)
+        if compile and self.device.type == "cuda":
+            self.encoder = torch.compile(self.encoder)
         self.img_size, self.batch_size = teacher.img_size, batch_size
         self.autocast = self.device.type == "cuda" and dtype != "float32"
         self.dtype = getattr(torch, dtype)
@@ -126,7 +132,7 @@ def embed_shards(jobs: Sequence[tuple[str, Path, int]], teacher: TeacherSource, 
     ds = ds.map(
         ShardEmbedder,
         fn_constructor_kwargs={"teacher": teacher, "dtype": cfg.dtype, "gpu": gpu, "threads": cfg.cpus_per_actor,
-                               "batch_size": cfg.batch_size},
+                               "batch_size": cfg.batch_size, "sdpa": cfg.sdpa, "compile": cfg.compile},
         # One shard in flight per actor: a shard is long, so a queue would only unbalance the tail.
         compute=ray.data.ActorPoolStrategy(size=min(cfg.concurrency, len(jobs)), max_tasks_in_flight_per_actor=1),
         num_gpus=1 if gpu else 0, num_cpus=cfg.cpus_per_actor,
