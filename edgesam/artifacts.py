@@ -55,6 +55,24 @@ def code_version(stage_module_file: str | Path | None = None) -> str:
     return source_hash(*paths)
 
 
+def path_identity(path: Path) -> dict[str, Any]:
+    """What a cache key knows of an external input: a file's size and mtime, or a directory's
+    file list with sizes and mtimes (digested), so that changed inputs change the key."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        stat = path.stat()
+        return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if path.is_dir():
+        listing = hashlib.sha256()
+        count = 0
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            stat = file.stat()
+            listing.update(f"{file.relative_to(path).as_posix()} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+            count += 1
+        return {"path": str(path), "files": count, "listing": listing.hexdigest()}
+    return {"path": str(path), "missing": True}
+
+
 def fingerprint(stage: str, config: Any, upstream: Mapping[str, str], code: str) -> str:
     """Stable 16-hex-digit fingerprint of a stage's inputs."""
     payload = json.dumps(
@@ -104,6 +122,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+
+
+def clear_partial_writes(directory: Path) -> None:
+    """Remove the temporary files (`temp_path`) an interrupted attempt left under `directory`."""
+    for tmp in Path(directory).rglob(".*.tmp-*"):
+        if tmp.is_file():
+            tmp.unlink()
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_bytes_atomic(path: str | Path, payload: bytes) -> None:

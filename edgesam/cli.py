@@ -4,6 +4,7 @@
     edgesam predict IMAGE --box X0,Y0,X1,Y1 --checkpoint CKPT --out DIR
     edgesam info CKPT
     edgesam data synth --profile default --out DIR
+    edgesam teacher pack TEACHER_ARTIFACT --out data/reference_teacher
 """
 
 from __future__ import annotations
@@ -151,6 +152,13 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2, default=str))
 
 
+def cmd_teacher_pack(args: argparse.Namespace) -> None:
+    from edgesam.models.reference import pack_teacher_artifact
+
+    meta = pack_teacher_artifact(args.artifact, args.out)
+    print(json.dumps({k: meta[k] for k in ("arch", "sha256", "bytes", "benchmark", "val")}, indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgesam", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print an EdgeSAM checkpoint's model summary")
     p.add_argument("checkpoint", type=Path)
     p.set_defaults(func=cmd_info)
+
+    teacher = sub.add_parser("teacher", help="teacher tools").add_subparsers(dest="teacher_command", required=True)
+    p = teacher.add_parser("pack", help="write a trained teacher artifact as the shipped reference teacher")
+    p.add_argument("artifact", type=Path, help="a committed teacher artifact of kind synthetic")
+    p.add_argument("--out", type=Path, required=True, help="e.g. data/reference_teacher")
+    p.set_defaults(func=cmd_teacher_pack)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("synth", help="write the embedded benchmark (SA-1B tars + COCO JSON)")

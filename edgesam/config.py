@@ -7,13 +7,19 @@ are deep-merged with user overrides before validation.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from edgesam.artifacts import path_identity
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
+# Fields marked with this do not change an artifact's content (parallelism, logging, checkpoint
+# cadence): they stay out of the stage's cache key (`cache_view`).
+NOT_IN_KEY = {"cache_key": False}
 STAGES = (
     "data", "shard", "teacher", "embed", "encoder_kd", "prompt_kd", "rpn", "evaluate", "export",
 )
@@ -37,13 +43,13 @@ class TrainConfig(_Config):
     cosine_from_start: bool = False  # cosine over all steps, as timm's warmup_prefix=False (EdgeSAM)
     weight_decay: float = 0.05
     grad_clip: float | None = 1.0
-    amp: bool = True  # only takes effect on GPU
+    amp: bool = Field(True, json_schema_extra=NOT_IN_KEY)  # GPUs only; keyed as the precision (training_key)
     sync_bn: bool = False  # SyncBatchNorm across GPU workers (needs GPUs when num_workers > 1)
-    checkpoint_every: int = 200  # steps
+    checkpoint_every: int = Field(200, json_schema_extra=NOT_IN_KEY)  # steps
     # AdamW without weight decay for biases, other 1-D parameters and normalization layers
     # (the official EdgeSAM phase-1 recipe); False decays every trainable parameter.
     no_decay_norm_bias: bool = False
-    log_every: int = 20  # steps
+    log_every: int = Field(20, json_schema_extra=NOT_IN_KEY)  # steps
     loader_workers: int = 1
 
 
@@ -66,13 +72,36 @@ class RuntimeConfig(_Config):
     seed: int = 0
 
 
+class CocoSource(_Config):
+    """A COCO- or LVIS-format instances JSON and its images directory, as distillation input.
+
+    Its samples are keyed `<name>_<image id>`, so keys stay unique across sources and apart
+    from SA-1B's `sa_<id>`.
+    """
+
+    annotations: Path
+    images: Path
+    split: Literal["train", "val", "auto"] = "auto"  # auto: held out by image id with shard.val_fraction
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9-]+$")  # None: the JSON's file stem
+
+    @model_validator(mode="after")
+    def _default_name(self) -> CocoSource:
+        if self.name is None:
+            self.name = re.sub(r"[^A-Za-z0-9-]+", "-", self.annotations.stem).strip("-") or "coco"
+        if self.name == "sa":
+            raise ValueError("coco source name 'sa' is reserved for SA-1B keys (sa_<id>)")
+        return self
+
+
 class DataConfig(_Config):
-    """The embedded benchmark (generated when no SA-1B path is given)."""
+    """The embedded benchmark (generated when neither SA-1B nor COCO sources are given)."""
 
     sa1b_path: Path | None = None  # directory of sa_*.tar (or extracted pairs); skips synthesis
-    coco_train: Path | None = None  # COCO instances JSON for the RPN (real COCO)
-    coco_val: Path | None = None
-    coco_images: Path | None = None
+    # COCO/LVIS instances JSONs + images to distil on, alone or with sa1b_path; skips synthesis.
+    coco_sources: list[CocoSource] = Field(default_factory=list)
+    coco_train: Path | None = None  # COCO instances JSON for the RPN (default: the train coco_source)
+    coco_val: Path | None = None  # (default: the val coco_source)
+    coco_images: Path | None = None  # (default: their images directory when they share one)
     num_train: int = 800
     num_val: int = 100
     images_per_tar: int = 100
@@ -86,6 +115,13 @@ class DataConfig(_Config):
     min_mask_fraction: float = 0.003
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _distinct_sources(self) -> DataConfig:
+        names = [s.name for s in self.coco_sources]
+        if len(set(names)) < len(names):
+            raise ValueError(f"data.coco_sources: names {names} repeat; give each source a distinct `name`")
+        return self
+
 
 class ShardConfig(_Config):
     target_size: int = 256  # longest side after resizing (1024 for real SAM)
@@ -95,14 +131,24 @@ class ShardConfig(_Config):
     max_count: int = 256  # samples per shard
     max_size: int = 256 * 1024**2  # bytes per shard
     jpeg_quality: int = 95
-    workers: int = 2
+    workers: int = Field(2, json_schema_extra=NOT_IN_KEY)
+    # Per level: rejected images / images and rejected annotations / annotations.
     max_reject_ratio: float = 0.05
+    # COCO crowd regions (iscrowd=1, one mask over many objects): left out of the sample
+    # (skip), kept as one more mask (as_mask), or their whole image rejected (reject_image).
+    crowd: Literal["skip", "as_mask", "reject_image"] = "skip"
+    coco_unit_images: int = Field(256, ge=1)  # images of a COCO source per conversion unit
 
 
 class TeacherConfig(_Config):
-    kind: Literal["synthetic", "vit_h", "vit_l", "vit_b"] = "synthetic"
-    checkpoint: Path | None = None  # required unless kind == "synthetic"
-    # Small ViT of the synthetic reference teacher.
+    # synthetic: train a tiny SAM here; reference: the one shipped in data/reference_teacher/
+    # (trained on the embedded benchmark); vit_h/l/b: a SAM checkpoint.
+    kind: Literal["synthetic", "reference", "vit_h", "vit_l", "vit_b"] = "synthetic"
+    checkpoint: Path | None = None  # required for vit_*; reference: the shipped file unless given
+    sha256: str | None = None  # pin the checkpoint file
+    # A SAM file that is not an official release (nor pinned) is refused unless this is set.
+    allow_unverified: bool = False
+    # Small ViT of the synthetic teacher.
     embed_dim: int = 256
     depth: int = 6
     num_heads: int = 8
@@ -119,9 +165,10 @@ class TeacherConfig(_Config):
 
 class EmbedConfig(_Config):
     batch_size: int = 8
-    concurrency: int = 1  # actors in the pool
-    cpus_per_actor: int = 1  # Ray CPUs (and torch threads) of each CPU actor
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # autocast on GPU only
+    concurrency: int = Field(1, json_schema_extra=NOT_IN_KEY)  # actors in the pool
+    cpus_per_actor: int = Field(1, json_schema_extra=NOT_IN_KEY)  # Ray CPUs (and torch threads) of each CPU actor
+    # Autocast on GPUs only; keyed as the precision (pipelines/embed.py runtime_key).
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", json_schema_extra=NOT_IN_KEY)
 
 
 class EncoderKDConfig(_Config):
@@ -202,6 +249,29 @@ class PipelineConfig(_Config):
     rpn: RPNConfig = Field(default_factory=RPNConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+
+
+def cache_view(section: BaseModel) -> dict[str, Any]:
+    """A config section as its stage's cache key sees it: fields marked `NOT_IN_KEY` dropped,
+    paths replaced by the identity of what they point to (`path_identity`)."""
+    view: dict[str, Any] = {}
+    for name, field in type(section).model_fields.items():
+        if (field.json_schema_extra or {}).get("cache_key") is False:
+            continue
+        view[name] = _key_value(getattr(section, name))
+    return view
+
+
+def _key_value(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return cache_view(value)
+    if isinstance(value, Path):
+        return path_identity(value)
+    if isinstance(value, dict):
+        return {str(k): _key_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_key_value(v) for v in value]
+    return value
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

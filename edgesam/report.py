@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,7 +16,8 @@ import numpy as np  # noqa: E402
 from edgesam.artifacts import atomic_path, write_text_atomic  # noqa: E402
 from edgesam.data.transforms import PIXEL_MEAN, PIXEL_STD  # noqa: E402
 from edgesam.eval.miou import Overlay  # noqa: E402
-from edgesam.metrics import SIZES  # noqa: E402
+from edgesam.eval.stats import miou_interval, paired_difference, per_image  # noqa: E402
+from edgesam.metrics import SIZES, IoURecord  # noqa: E402
 
 MIOU_PLOT = "miou_by_prompt.png"
 SPEED_PLOT = "speed_vs_miou.png"
@@ -224,7 +226,8 @@ def write_report(metrics: dict[str, Any], overlays: Sequence[Overlay], out: Path
     plot_speed_vs_miou(speed, headline["miou"], out / SPEED_PLOT, headline["label"])
     lines = ["# EdgeSAM evaluation", "", "IoU per annotation at the image's resolution, averaged over annotations.", ""]
     for name, protocol in metrics["protocols"].items():
-        lines += [f"## mIoU, protocol `{name}`", "", describe_protocol(protocol), "", *miou_tables(miou[name], name)]
+        lines += [f"## mIoU, protocol `{name}`", "", describe_protocol(protocol), "", *miou_tables(miou[name], name),
+                  *comparison_table(metrics["comparisons"][name], name)]
     lines += [f"![mIoU per prompt type, protocol {first}]({MIOU_PLOT})", ""]
     prior = metrics.get("granularity_prior")
     if prior:
@@ -244,6 +247,21 @@ def write_report(metrics: dict[str, Any], overlays: Sequence[Overlay], out: Path
         lines += curves_section(curves)
     write_text_atomic(out / "report.md", "\n".join(lines))
     return ["report.md", *files]
+
+
+def comparison_table(rows: list[dict[str, Any]], protocol: str) -> list[str]:
+    """Paired comparisons with their bootstrap 95% intervals over images."""
+    lines = [f"### Comparisons, protocol `{protocol}`", "",
+             "Paired bootstrap over images (2000 resamples), 95% intervals; * where the difference's interval "
+             "excludes 0.", "",
+             "| dataset | prompt | model | baseline | model mIoU | baseline mIoU | difference [95%] | ratio [95%] |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | {r['prompt']} | {r['model']} | {r['baseline']} | {_fmt(r['a'])} | "
+                     f"{_fmt(r['b'])} | {r['diff']:+.3f} [{r['diff_low']:+.3f}, {r['diff_high']:+.3f}]"
+                     f"{' *' if r['significant'] else ''} | {r['ratio']:.3f} [{r['ratio_low']:.3f}, "
+                     f"{r['ratio_high']:.3f}] |")
+    return lines + [""]
 
 
 def prior_section(prior: dict[str, Any]) -> list[str]:
@@ -306,3 +324,45 @@ def model_card(config: dict[str, Any], files: dict[str, str], evaluation: dict[s
         "SA-1B / COCO paths were configured); numbers above are those measurements, not the paper's.", "",
     ]
     return "\n".join(lines)
+
+
+def read_ious(path: Path) -> list[IoURecord]:
+    """The IoU records of an `ious.jsonl` / `val_ious.jsonl` file (`records_jsonl`)."""
+    rows = (json.loads(line) for line in Path(path).read_text().splitlines() if line.strip())
+    return [IoURecord(**{k: v for k, v in row.items() if k != "protocol"}) for row in rows]
+
+
+ABLATION_PROMPTS = ("box_gt", "point_gt", "box_teacher", "point_teacher")
+
+
+def ablation_rows(val_ious: dict[str, Path], baseline: str, model: str = "prompt_kd") -> list[dict[str, Any]]:
+    """Per variant and prompt: the phase-2 student's val mIoU with its interval, and the paired
+    difference to `baseline` (the same val annotations), from each run's `val_ious.jsonl`."""
+    records = {name: read_ious(path) for name, path in val_ious.items()}
+    rows = []
+    for name, found in records.items():
+        row: dict[str, Any] = {"variant": name}
+        for prompt in ABLATION_PROMPTS:
+            mine = per_image(found, model, "val", prompt)
+            row[prompt] = miou_interval(mine)
+            if name != baseline:
+                row[f"{prompt}_vs_baseline"] = paired_difference(mine, per_image(records[baseline], model, "val", prompt))
+        rows.append(row)
+    return rows
+
+
+def ablation_table(rows: list[dict[str, Any]], baseline: str) -> list[str]:
+    """Markdown: mIoU [95%] per prompt, and the difference to the baseline [95%] (* when significant)."""
+    head = " | ".join(ABLATION_PROMPTS)
+    lines = [f"| variant | {head} |", "|---|" + "---|" * len(ABLATION_PROMPTS)]
+    for row in rows:
+        cells = []
+        for prompt in ABLATION_PROMPTS:
+            m = row[prompt]
+            cell = f"{m['miou']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
+            if f"{prompt}_vs_baseline" in row:
+                d = row[f"{prompt}_vs_baseline"]
+                cell += f"; {d['diff']:+.3f} [{d['diff_low']:+.3f}, {d['diff_high']:+.3f}]{' *' if d['significant'] else ''}"
+            cells.append(cell)
+        lines.append(f"| {row['variant']}{' (baseline)' if row['variant'] == baseline else ''} | " + " | ".join(cells) + " |")
+    return lines

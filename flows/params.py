@@ -5,15 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from edgesam.config import STAGES, PipelineConfig, deep_merge, load_profile
+from edgesam.config import STAGES, PipelineConfig, available_profiles, deep_merge, load_profile
 
-Profile = Literal["smoke", "default", "paper"]
+Profile = Literal[tuple(available_profiles())]  # type: ignore[valid-type]
 StageName = Literal[STAGES]  # type: ignore[valid-type]
-TeacherKind = Literal["synthetic", "vit_h", "vit_l", "vit_b"]
+TeacherKind = Literal["synthetic", "reference", "vit_h", "vit_l", "vit_b"]
 
 # Flow parameter -> (config section, field).
 SHORTCUTS: dict[str, tuple[str, str]] = {
     "sa1b_path": ("data", "sa1b_path"),
+    "coco_sources": ("data", "coco_sources"),
     "coco_train": ("data", "coco_train"),
     "coco_val": ("data", "coco_val"),
     "coco_images": ("data", "coco_images"),

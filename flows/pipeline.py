@@ -14,8 +14,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
 
 from edgesam.artifacts import Artifact, ArtifactStore
-from edgesam.config import PipelineConfig, RuntimeConfig
-from edgesam.train.cluster import connect_ray
+from edgesam.config import CocoSource, PipelineConfig, RuntimeConfig
+from edgesam.train.cluster import connect_ray, resolve_device
 from flows.caching import ManifestCache, retry_on_transient_io
 from flows.evaluation import publish_evaluation
 from flows.params import Profile, StageName, TeacherKind, pipeline_config
@@ -99,6 +99,7 @@ def summary_markdown(cfg: PipelineConfig, rows: list[dict[str, Any]]) -> str:
 def edgesam(
     profile: Profile = "default",
     sa1b_path: Path | None = None,
+    coco_sources: list[CocoSource] | None = None,
     coco_train: Path | None = None,
     coco_val: Path | None = None,
     coco_images: Path | None = None,
@@ -121,7 +122,10 @@ def edgesam(
     Args:
         profile: `smoke` (minutes), `default` (the embedded benchmark, about an hour on 2 CPU
             cores) or `paper` (SA-1B, SAM ViT-H, GPUs).
-        sa1b_path: directory of SA-1B `sa_*.tar` files; without it the embedded benchmark is generated.
+        sa1b_path: directory of SA-1B `sa_*.tar` files; without it (or coco_sources) the embedded
+            benchmark is generated.
+        coco_sources: COCO/LVIS instances JSONs + images to distil on (alone or with sa1b_path), e.g.
+            `[{"annotations": "a.json", "images": "img/", "split": "train"}]`; split train, val or auto.
         coco_train, coco_val, coco_images: COCO instances JSONs and image directory for the RPN.
         teacher_kind, teacher_checkpoint: `synthetic` (trained here) or a SAM ViT and its checkpoint.
         backbone: the student's timm model name, e.g. `repvit_m1`, `resnet18`, `mobilenetv3_large_100`.
@@ -136,18 +140,19 @@ def edgesam(
     logger = get_run_logger()
     forward_stage_logs()
     cfg = pipeline_config(
-        profile, overrides, sa1b_path=sa1b_path, coco_train=coco_train, coco_val=coco_val,
-        coco_images=coco_images, teacher_kind=teacher_kind, teacher_checkpoint=teacher_checkpoint,
-        backbone=backbone, ray_address=ray_address, num_workers=num_workers, use_gpu=use_gpu,
-        work_dir=work_dir,
+        profile, overrides, sa1b_path=sa1b_path, coco_sources=coco_sources, coco_train=coco_train,
+        coco_val=coco_val, coco_images=coco_images, teacher_kind=teacher_kind,
+        teacher_checkpoint=teacher_checkpoint, backbone=backbone, ray_address=ray_address,
+        num_workers=num_workers, use_gpu=use_gpu, work_dir=work_dir,
     )
     selected, forced = select(stages, force or ())
-    planned = plan(cfg)  # once: every stage of this run agrees on the fingerprints
-    check_upstream(selected, ArtifactStore(cfg.runtime.work_dir), planned)
-    logger.info("profile %s, artifacts under %s, stages %s%s", cfg.profile, cfg.runtime.work_dir,
-                ", ".join(selected), f", forced {', '.join(s for s in selected if s in forced)}" if forced else "")
     rows: list[dict[str, Any]] = []
     with ray_connection(cfg.runtime):
+        cfg = cfg.model_copy(update={"runtime": resolve_device(cfg.runtime)})  # GPUs or not, once
+        planned = plan(cfg)  # once: every stage of this run agrees on the fingerprints
+        check_upstream(selected, ArtifactStore(cfg.runtime.work_dir), planned)
+        logger.info("profile %s, artifacts under %s, stages %s%s", cfg.profile, cfg.runtime.work_dir,
+                    ", ".join(selected), f", forced {', '.join(s for s in selected if s in forced)}" if forced else "")
         for index, name in enumerate(selected, 1):
             logger.info("[%d/%d] %s", index, len(selected), name)
             start = time.perf_counter()

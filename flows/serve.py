@@ -10,6 +10,7 @@ from prefect import serve
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.schedules import Cron
 
+from flows.ablations import edgesam_ablations
 from flows.pipeline import edgesam, edgesam_eval
 
 NIGHTLY_CRON = "0 2 * * *"
@@ -32,6 +33,12 @@ def deployments() -> list[RunnerDeployment]:
             schedules=[Cron(NIGHTLY_CRON, timezone=NIGHTLY_TIMEZONE)],
             parameters=NIGHTLY_PARAMETERS,
             tags=["edgesam", "nightly"],
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        ),
+        edgesam_ablations.to_deployment(
+            name="default",
+            description="The paper's phase-2 ablations: prompt_kd reruns from the cached upstream, one table.",
+            tags=["edgesam", "ablations"],
             entrypoint_type=EntrypointType.MODULE_PATH,
         ),
     ]

@@ -70,6 +70,10 @@ def _embed_missing(jobs: dict[str, tuple[Path, int]], cfg: EmbedConfig, runtime:
     return {"images": done, "seconds": end - start, "warm_images_per_s": warm}
 
 
+def runtime_key(cfg: EmbedConfig, runtime: RuntimeConfig) -> dict[str, Any]:
+    return {"precision": cfg.dtype if runtime.use_gpu else "float32"}  # autocast on GPUs only
+
+
 def run(cfg: EmbedConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     shard = inputs["shard"]
     teacher = TeacherSource.from_artifact(inputs["teacher"])

@@ -20,12 +20,16 @@ from edgesam.models.edgesam import load_edgesam
 from edgesam.models.teacher import TeacherSource
 from edgesam.tasks.data import EmbedShards
 from edgesam.tasks.encoder_kd import STUDENT_FILE, EncoderKDTask, pass_on_init
-from edgesam.train import fit, training_summary
+from edgesam.train import fit, training_key, training_summary
 
 STAGE = "encoder_kd"
 UPSTREAM = ("embed", "teacher")
 
 log = logging.getLogger("edgesam.pipelines.encoder_kd")
+
+
+def runtime_key(cfg: EncoderKDConfig, runtime: RuntimeConfig) -> dict[str, Any]:
+    return training_key(cfg.train, runtime)
 
 
 def run(cfg: EncoderKDConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:

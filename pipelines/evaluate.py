@@ -26,6 +26,7 @@ from edgesam.eval.datasets import coco_items, shard_items
 from edgesam.eval.engine import Segmenter, protocol
 from edgesam.eval.miou import evaluate, records_jsonl
 from edgesam.eval.speed import model_speed
+from edgesam.eval.stats import comparisons
 from edgesam.metrics import summarize
 from edgesam.models.edgesam import load_edgesam
 from edgesam.models.rpn import PRIOR_RULES, load_rpn
@@ -39,18 +40,17 @@ METRICS_FILE, IOUS_FILE = "metrics.json", "ious.jsonl"
 log = logging.getLogger("edgesam.pipelines.evaluate")
 
 
-def _student(artifact: Artifact):
-    sam = load_edgesam(artifact.path / artifact.manifest["student"])
-    sam.image_encoder.fuse()
-    return sam
+def runtime_key(cfg: EvaluateConfig, runtime: RuntimeConfig) -> dict[str, Any]:
+    return {"seed": runtime.seed}  # random clicks and annotation subsets
 
 
 def run(cfg: EvaluateConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     teacher = TeacherSource.from_artifact(inputs["teacher"]).load()
-    phase2 = _student(inputs["prompt_kd"])
+    phase1, phase2 = (load_edgesam(inputs[s].path / inputs[s].manifest["student"], fuse=True)
+                      for s in ("encoder_kd", "prompt_kd"))
     rpn_manifest = inputs["rpn"].manifest
     rpn = load_rpn(inputs["rpn"].path / rpn_manifest["rpn"])
-    models = [Segmenter("teacher", teacher), Segmenter("encoder_kd", _student(inputs["encoder_kd"])),
+    models = [Segmenter("teacher", teacher), Segmenter("encoder_kd", phase1),
               Segmenter("prompt_kd", phase2)]
     priors = [Segmenter(f"prompt_kd+rpn:{name}", phase2, rpn, rule) for name, rule in PRIOR_RULES.items()]
     protocols = [protocol(name, cfg.refine_iters) for name in cfg.protocols]
@@ -71,6 +71,7 @@ def run(cfg: EvaluateConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact]
             records[key] += found[key]
         prior_stats[name] = {model: asdict(s) for model, s in stats.items()}
     miou = {key: summarize(value) for key, value in records.items()}
+    intervals = {key: comparisons(value) for key, value in records.items()}
     write_text_atomic(out / IOUS_FILE, records_jsonl(records))
 
     log.info("measuring speed (%d repeats)", cfg.speed_repeats)
@@ -85,7 +86,8 @@ def run(cfg: EvaluateConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact]
     }
     headline = protocols[0].name
     metrics = {
-        "protocols": {p.name: asdict(p) for p in protocols}, "miou": miou, "speed": speed, "granularity_prior": prior,
+        "protocols": {p.name: asdict(p) for p in protocols}, "miou": miou, "comparisons": intervals, "speed": speed,
+        "granularity_prior": prior,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s)",
         "headline": {
             "label": f"SA-1B val mIoU (box and point prompts, mean; protocol {headline})",

@@ -17,12 +17,16 @@ from edgesam.eval.proposals import class_agnostic_box_eval, rpn_detections
 from edgesam.models.edgesam import load_edgesam
 from edgesam.models.rpn import load_rpn
 from edgesam.tasks.rpn import RPN_FILE, RPNTask, predict_settings
-from edgesam.train import fit, training_summary
+from edgesam.train import fit, training_key, training_summary
 
 STAGE = "rpn"
 UPSTREAM = ("data", "prompt_kd")
 
 log = logging.getLogger("edgesam.pipelines.rpn")
+
+
+def runtime_key(cfg: RPNConfig, runtime: RuntimeConfig) -> dict[str, Any]:
+    return training_key(cfg.train, runtime)
 
 
 def run(cfg: RPNConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
@@ -38,8 +42,7 @@ def run(cfg: RPNConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact], out
     task = RPNTask.from_config(cfg, student, coco_train, images, img_size, runtime.seed)
     log.info("training the RPN on %d images of %s (student %s, %d px)", task.samples, coco_train, student, img_size)
     summary = fit(task, cfg.train, runtime, out)
-    sam = load_edgesam(student)
-    sam.image_encoder.fuse()
+    sam = load_edgesam(student, fuse=True)
     log.info("measuring proposals on %s", coco_val)
     detections = rpn_detections(sam, load_rpn(out / RPN_FILE), coco_val, images)
     quality = class_agnostic_box_eval(coco_val, detections)

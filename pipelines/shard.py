@@ -1,4 +1,4 @@
-"""Stage `shard`: SA-1B tars -> validated, resized WebDataset shards `train/` and `val/`.
+"""Stage `shard`: SA-1B tars and COCO/LVIS sources -> validated, resized WebDataset shards.
 
 Input units are converted in parallel into part files under `out/.parts/`
 (`edgesam.data.sharding`); a unit with a summary is done, so a rerun after a kill skips it.
@@ -19,9 +19,9 @@ from tqdm import tqdm
 
 from edgesam.artifacts import Artifact
 from edgesam.config import RuntimeConfig, ShardConfig
-from edgesam.data.sa1b import SPLITS, convert_unit
 from edgesam.data.sharding import check_rejects, convert_tasks, map_unordered, part_samples
 from edgesam.data.shards import write_shards
+from edgesam.data.units import SPLITS, convert_unit
 
 STAGE = "shard"
 UPSTREAM = ("data",)
@@ -31,27 +31,29 @@ log = logging.getLogger("edgesam.pipelines.shard")
 
 
 def run(cfg: ShardConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
-    sa1b_dir = Path(inputs["data"].manifest["sa1b_dir"])
+    data = inputs["data"].manifest
     part_dir = out / PARTS
     part_dir.mkdir(parents=True, exist_ok=True)
-    tasks = convert_tasks(sa1b_dir, cfg, part_dir)
+    tasks = convert_tasks(data, cfg, part_dir)
     resumed = {t.index for t in tasks if t.summary_path.is_file()}
+    sources = [p for p in [data.get("sa1b_dir"), *(s["annotations"] for s in data.get("coco_sources", []))] if p]
     log.info("shard: %d input units from %s (%d done earlier), target %d px, %d workers",
-             len(tasks), sa1b_dir, len(resumed), cfg.target_size, cfg.workers)
+             len(tasks), ", ".join(sources), len(resumed), cfg.target_size, cfg.workers)
     start = time.perf_counter()
     summaries: list[dict] = []
     converted = 0  # images converted by this run (not earlier attempts)
-    with tqdm(total=len(tasks), desc="shard", unit="tar") as progress:
+    with tqdm(total=len(tasks), desc="shard", unit="unit") as progress:
         for summary in map_unordered(convert_unit, tasks, cfg.workers, runtime):
             summaries.append(summary)
             converted += 0 if summary["index"] in resumed else sum(summary["samples"].values())
             progress.set_postfix(img_s=f"{converted / (time.perf_counter() - start):.1f}")
             progress.update(1)
     summaries.sort(key=lambda s: s["index"])
-    accepted, rejected = check_rejects(summaries, cfg)
+    accepted, accounting = check_rejects(summaries, cfg)
     elapsed = time.perf_counter() - start
-    log.info("shard: %d images converted in %.1fs (%.1f img/s), %d accepted in all, %d rejected",
-             converted, elapsed, converted / max(elapsed, 1e-9), accepted, len(rejected))
+    log.info("shard: %d images converted in %.1fs (%.1f img/s), %d accepted in all, %d rejected, %d repaired",
+             converted, elapsed, converted / max(elapsed, 1e-9), accepted, len(accounting["rejected"]),
+             len(accounting["repaired"]))
     splits = {}
     for split in SPLITS:
         parts = [t.part_path(split) for t, s in zip(tasks, summaries) if s["samples"][split]]
@@ -62,8 +64,8 @@ def run(cfg: ShardConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact], o
             "samples": sum(s.samples for s in shards),
         }
     shutil.rmtree(part_dir)
-    return {"splits": splits, "target_size": cfg.target_size, "rejected": rejected,
-            "dropped_masks": sum(s["dropped_masks"] for s in summaries), "inputs": len(tasks),
+    return {"splits": splits, "target_size": cfg.target_size, **accounting, "inputs": len(tasks),
+            "data_checksum": inputs["data"].manifest.get("checksum"),  # the embedded benchmark's version
             "images_per_second": round(converted / max(elapsed, 1e-9), 2)}
 
 

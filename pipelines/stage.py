@@ -5,10 +5,13 @@ Every stage module in `pipelines/` defines
     STAGE: str                      # its name, one of edgesam.config.STAGES
     UPSTREAM: tuple[str, ...]       # the stages whose artifacts it reads
     def run(cfg, runtime, inputs, out) -> dict
+    def runtime_key(cfg, runtime) -> dict    # optional: the runtime settings its result depends on
 
-where `cfg` is its own section of `PipelineConfig` (the only config that enters its
-fingerprint), `runtime` the shared `RuntimeConfig`, `inputs` the committed upstream
-artifacts by stage name, and `out` the artifact directory to fill. `run` returns the
+where `cfg` is its own section of `PipelineConfig` (named as the stage), `runtime` the shared `RuntimeConfig`,
+`inputs` the committed upstream artifacts by stage name, and `out` the artifact directory to
+fill. The fingerprint hashes the section (`cache_view`: without the fields that cannot change
+the result, with external files identified by size and mtime), `runtime_key`, the upstream
+fingerprints and the code version. `run` returns the
 manifest body; the runner commits it last. `out` may hold a previous interrupted
 attempt's partial files (checkpoints, finished shards), which `run` may resume from.
 """
@@ -17,26 +20,17 @@ from __future__ import annotations
 
 import importlib
 import logging
-import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 from typing import Iterable
 
-from edgesam.artifacts import Artifact, ArtifactStore, code_version, fingerprint
-from edgesam.config import STAGES, PipelineConfig
+from edgesam.artifacts import Artifact, ArtifactStore, clear_partial_writes, code_version, fingerprint
+from edgesam.config import STAGES, PipelineConfig, cache_view
+from edgesam.train.cluster import resolve_device
 from edgesam.train.progress import ProgressCallback, reporting_progress
 
 log = logging.getLogger("edgesam.pipelines")
-
-# Which stage reads which config section; also the module name under `pipelines/`.
-SECTIONS = {
-    "data": "data", "shard": "shard", "teacher": "teacher", "embed": "embed",
-    "encoder_kd": "encoder_kd", "prompt_kd": "prompt_kd", "rpn": "rpn",
-    "evaluate": "evaluate", "export": "export",
-}
-
 
 class MissingUpstreamError(RuntimeError):
     """A stage was asked to run but an upstream artifact it needs is not committed."""
@@ -56,13 +50,15 @@ class PlannedStage:
 
 
 def plan(cfg: PipelineConfig) -> dict[str, PlannedStage]:
-    """Fingerprint every stage from the config alone, in DAG order."""
+    """Fingerprint every stage from the config (its device decided: `resolve_device`), in DAG order."""
+    runtime = resolve_device(cfg.runtime)
     planned: dict[str, PlannedStage] = {}
     for name in STAGES:
         module = stage_module(name)
+        section = getattr(cfg, name)
         upstream = {u: planned[u].fingerprint for u in module.UPSTREAM}
-        fp = fingerprint(name, getattr(cfg, SECTIONS[name]), upstream, code_version(module.__file__))
-        planned[name] = PlannedStage(name, fp, upstream)
+        key = {"section": cache_view(section), "runtime": getattr(module, "runtime_key", lambda c, r: {})(section, runtime)}
+        planned[name] = PlannedStage(name, fingerprint(name, key, upstream, code_version(module.__file__)), upstream)
     return planned
 
 
@@ -94,15 +90,6 @@ def check_upstream(selected: list[str], store: ArtifactStore, planned: dict[str,
             "upstream artifacts are not committed: " + "; ".join(missing)
             + ". Add those stages to `stages`, or run the whole flow."
         )
-
-
-def clear_partial_writes(directory: Path) -> None:
-    """Remove the temporary files (`edgesam.artifacts.temp_path`) of an interrupted attempt."""
-    for tmp in directory.rglob(".*.tmp-*"):
-        if tmp.is_file():
-            tmp.unlink()
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run_stage(
@@ -138,11 +125,11 @@ def run_stage(
     start = time.perf_counter()
     module = stage_module(name)
     with reporting_progress(on_progress):
-        body = module.run(getattr(cfg, SECTIONS[name]), cfg.runtime, inputs, artifact.path)
+        body = module.run(getattr(cfg, name), cfg.runtime, inputs, artifact.path)
     elapsed = time.perf_counter() - start
     artifact.commit({
         **body,
-        "config": getattr(cfg, SECTIONS[name]).model_dump(mode="json"),
+        "config": getattr(cfg, name).model_dump(mode="json"),
         "upstream": planned.upstream,
         "seconds": round(elapsed, 2),
     })
@@ -158,6 +145,7 @@ def run_dag(
 ) -> dict[str, tuple[Artifact, bool]]:
     """Run the DAG (or only `stages`, reading the rest from the cache) without Prefect."""
     store = store or ArtifactStore(cfg.runtime.work_dir)
+    cfg = cfg.model_copy(update={"runtime": resolve_device(cfg.runtime)})
     selected, forced = select(stages, force)
     planned = plan(cfg)
     check_upstream(selected, store, planned)

@@ -1,9 +1,10 @@
 """Stage `teacher`: the SAM whose knowledge is distilled.
 
 With `kind` vit_h/vit_l/vit_b the stage verifies and loads the given SAM checkpoint and
-records its SHA-256 (nothing big is copied: the manifest references the file). With
-`kind: synthetic` (the embedded benchmark) it trains a tiny SAM at the shards' size with
-SAM's own recipe (`edgesam.tasks.teacher`) and measures it against the val split's ground truth.
+records its SHA-256 (nothing big is copied: the manifest references the file). `kind:
+reference` is the tiny SAM shipped in `data/reference_teacher/`, verified the same way and
+checked against the benchmark it was trained on. With `kind: synthetic` it trains a tiny SAM at
+the shards' size with SAM's own recipe (`edgesam.tasks.teacher`) and measures it on the val split.
 
     python -m pipelines teacher --profile smoke
 """
@@ -19,32 +20,16 @@ from edgesam.config import RuntimeConfig, TeacherConfig
 from edgesam.data.shards import list_shards
 from edgesam.eval.datasets import shard_items
 from edgesam.eval.miou import ground_truth_miou
-from edgesam.models.teacher import TeacherCheckpointError, load_sam_checkpoint, verify_sam_checkpoint
+from edgesam.models.reference import describe_reference
+from edgesam.models.teacher import describe_sam_teacher
 from edgesam.models.tiny_sam import load_tiny_sam, tiny_sam_config
 from edgesam.tasks.teacher import CHECKPOINT, TeacherTask
-from edgesam.train import fit, training_summary
+from edgesam.train import fit, training_key, training_summary
 
 STAGE = "teacher"
 UPSTREAM = ("shard",)
 
 log = logging.getLogger("edgesam.pipelines.teacher")
-
-
-def _resolve_sam(cfg: TeacherConfig, target_size: int) -> dict[str, Any]:
-    if cfg.checkpoint is None:
-        raise TeacherCheckpointError(
-            f"teacher.kind={cfg.kind} needs teacher.checkpoint (the path of the official SAM {cfg.kind} "
-            "checkpoint), or use teacher.kind=synthetic"
-        )
-    path = Path(cfg.checkpoint).expanduser().resolve()
-    sha256 = verify_sam_checkpoint(cfg.kind, path)
-    img_size = load_sam_checkpoint(cfg.kind, path).image_encoder.img_size  # every key and shape checked
-    if target_size != img_size:
-        log.warning("shards are resized to %d but SAM %s runs at %d: images are resized again",
-                    target_size, cfg.kind, img_size)
-    log.info("teacher: verified SAM %s at %s (sha256 %s)", cfg.kind, path, sha256)
-    return {"kind": cfg.kind, "checkpoint": str(path), "sha256": sha256, "arch": {"kind": cfg.kind},
-            "img_size": img_size}
 
 
 def _train_reference(cfg: TeacherConfig, runtime: RuntimeConfig, shard: Artifact, out: Path) -> dict[str, Any]:
@@ -60,11 +45,18 @@ def _train_reference(cfg: TeacherConfig, runtime: RuntimeConfig, shard: Artifact
             "arch": tiny_sam_config(sam), "img_size": task.img_size, "val": val, "train": training_summary(summary)}
 
 
+def runtime_key(cfg: TeacherConfig, runtime: RuntimeConfig) -> dict[str, Any]:
+    return training_key(cfg.train, runtime) if cfg.kind == "synthetic" else {}
+
+
 def run(cfg: TeacherConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     shard = inputs["shard"]
     if cfg.kind == "synthetic":
         return _train_reference(cfg, runtime, shard, out)
-    return _resolve_sam(cfg, int(shard.manifest["target_size"]))
+    if cfg.kind == "reference":
+        return describe_reference(cfg.checkpoint, cfg.sha256, cfg.allow_unverified, shard.manifest)
+    return describe_sam_teacher(cfg.kind, cfg.checkpoint, cfg.sha256, cfg.allow_unverified,
+                                int(shard.manifest["target_size"]))
 
 
 if __name__ == "__main__":

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from edgesam.artifacts import Artifact, ArtifactStore, sha256_file, temp_path
+from edgesam.artifacts import Artifact, ArtifactStore, clear_partial_writes, sha256_file, temp_path
 from edgesam.config import EmbedConfig, RuntimeConfig, load_profile
 from edgesam.data.shards import iter_raw, iter_samples, list_shards
 from edgesam.data.transforms import preprocess
 from edgesam.models.teacher import TeacherCheckpointError
 from edgesam.models.tiny_sam import build_tiny_sam, save_tiny_sam
 from pipelines import embed
-from pipelines.stage import clear_partial_writes, run_dag
+from pipelines.stage import run_dag
 
 # float16 keeps 11 significant bits: a stored value is within 2**-11 (relative) of the float32
 # embedding; we allow 2**-10 relative plus 1e-4 absolute for float32 batch-size effects.

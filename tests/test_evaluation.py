@@ -240,6 +240,10 @@ def test_evaluate_stage_writes_metrics_report_and_plots(evaluated):
     assert "ap" in prior["proposals"] and "rpn_ms" in metrics["speed"]["prompt_kd+rpn"]
     report = (artifact.path / "report.md").read_text()
     assert "![overlays](overlays.png)" in report and "protocol `paper`" in report and "protocol `sam`" in report
+    rows = metrics["comparisons"]["paper"]
+    assert {(r["model"], r["baseline"]) for r in rows} >= {("prompt_kd", "teacher"), ("prompt_kd", "encoder_kd")}
+    assert all(r["diff_low"] <= r["diff"] <= r["diff_high"] for r in rows)
+    assert "### Comparisons, protocol `paper`" in report
     assert f"| paper | {prior['point_miou']['paper']['off']:.3f} |" in report
     assert "training_curves.png" in manifest["files"]
     assert "![training curves](training_curves.png)" in report

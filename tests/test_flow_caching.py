@@ -107,8 +107,20 @@ def read_from_server(read):
 
 
 def task_runs(flow_state) -> list:
+    """Task runs of a flow run; waits (up to 30 s) for the server to have recorded all their states."""
+    import asyncio
+
     flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
-    return read_from_server(lambda client: client.read_task_runs(flow_run_filter=flow_runs))
+
+    async def read(client):
+        for _ in range(60):
+            runs = await client.read_task_runs(flow_run_filter=flow_runs)
+            if all(run.state is not None for run in runs):
+                break
+            await asyncio.sleep(0.5)
+        return runs
+
+    return read_from_server(read)
 
 
 def task_states(flow_state) -> dict[str, str]:
@@ -213,3 +225,29 @@ def test_retries_transient_io_only(tmp_path, fake):
     with pytest.raises(ValueError, match="corrupt shard"):
         state.result()
     assert not list((tmp_path / "runs" / "shard").glob("*/manifest.json"))
+
+
+def test_ablation_flow_reruns_prompt_kd_per_variant_and_tabulates_intervals(tmp_path, fake):
+    from edgesam.eval.miou import records_jsonl
+    from edgesam.metrics import IoURecord
+    from flows.ablations import edgesam_ablations
+
+    run = fake._runner("prompt_kd")
+
+    def prompt_kd(cfg, runtime, inputs, out):  # IoUs that depend on the variant's decoding iterations
+        records = [IoURecord("prompt_kd", "val", prompt, "all", min(1.0, 0.3 + 0.1 * cfg.decode_iters + 0.01 * (i % 3)),
+                             f"img{i}") for prompt in ("box_gt", "point_gt", "box_teacher", "point_teacher")
+                   for i in range(12)]
+        (out / "val_ious.jsonl").write_text(records_jsonl({"val": records}))
+        return run(cfg, runtime, inputs, out)
+
+    fake.modules["prompt_kd"].run = prompt_kd
+    edgesam(profile="smoke", work_dir=tmp_path / "runs")  # the upstream, committed
+    fake.calls.clear()
+    result = edgesam_ablations(profile="smoke", work_dir=tmp_path / "runs", variants=["decode_iters=1", "decode_iters=3"])
+    assert fake.calls == ["prompt_kd"] * 2  # the variants; the baseline (smoke: 2 iterations) is cached
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows["decode_iters=3"]["box_gt_vs_baseline"]["diff"] > 0 and rows["decode_iters=3"]["box_gt_vs_baseline"]["significant"]
+    assert rows["decode_iters=1"]["box_gt_vs_baseline"]["diff"] < 0
+    table = Path(result["table"]).read_text()
+    assert "decode_iters=3" in table and "(baseline)" in table

@@ -23,3 +23,10 @@ def test_paper_profile_keeps_the_official_switches():
     assert PAPER.prompt_kd.freeze_iou_head and PAPER.prompt_kd.freeze_prompt_encoder
     assert PAPER.prompt_kd.train.warmup_steps == 0 and PAPER.prompt_kd.train.grad_clip == 0.01
     assert PAPER.rpn.merge == "official" and PAPER.evaluate.protocols[0] == "paper"
+
+
+def test_finetune_profile_starts_phase_2_from_a_released_student():
+    cfg = load_profile("finetune")
+    assert cfg.encoder_kd.init is not None and cfg.encoder_kd.train.epochs == 0
+    train = cfg.prompt_kd.train
+    assert scaled_lr(train.lr, train.batch_size, cfg.runtime.num_workers, train.lr_ref_batch) == pytest.approx(1e-4)

@@ -1,9 +1,10 @@
-"""The shard stage: counts, resizing, validation of bad input, determinism, resume after a kill."""
+"""The shard stage: counts, resizing, validation of bad input, repairs, determinism, resume after a kill."""
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -179,6 +180,36 @@ def test_bad_inputs_are_rejected_with_reasons(tmp_path):
     assert body["splits"]["val"]["samples"] == 0
 
 
+def test_sa1b_repairs_are_listed(tmp_path):
+    w, h = 64, 48
+    mask = np.zeros((h, w), np.uint8, order="F")
+    mask[8:30, 10:40] = 1
+    rle = {"size": [h, w], "counts": mask_utils.encode(mask)["counts"].decode()}
+    good = {"id": 1, "segmentation": rle, "bbox": [10.0, 8.0, 30.0, 22.0], "area": 660, "point_coords": [[20.0, 15.0]]}
+    anns = [good, {**good, "id": 2, "bbox": [math.nan, 8.0, 30.0, 22.0]}, {**good, "id": 3, "bbox": [10, 8, -30, 22]},
+            {**good, "id": 4, "point_coords": []}, {**good, "id": 5, "bbox": [0, 0, 64, 48], "point_coords": [[99, 5]]}]
+    sa1b = tmp_path / "sa1b" / "train"
+    sa1b.mkdir(parents=True)
+    with tarfile.open(sa1b / "sa_000000.tar", "w") as tar:
+        _add(tar, "sa_1.jpg", _jpeg((w, h)))
+        record = {"image": {"image_id": 1, "width": w, "height": h, "file_name": "sa_1.jpg"}, "annotations": anns}
+        _add(tar, "sa_1.json", json.dumps(record).encode())
+    body, out = _run(tmp_path, tmp_path / "sa1b", target_size=128)
+    reasons = [(r["key"], r["annotation"], r["reason"].split(":")[0]) for r in body["repaired"]]
+    assert reasons == [
+        ("sa_1", 2, "bbox [nan, 8.0, 30.0, 22.0] has NaN or infinite values"),
+        ("sa_1", 3, "bbox [10, 8, -30, 22] has a negative or zero size"),
+        ("sa_1", 4, "point_coords [] missing or outside the image"),
+        ("sa_1", 5, "bbox [0, 0, 64, 48] disagrees with its mask's box [10.0, 8.0, 30.0, 22.0]"),
+        ("sa_1", 5, "point_coords [[99, 5]] missing or outside the image"),
+    ]
+    (sample,) = iter_samples(list_shards(out, "train"))
+    boxes = {a["id"]: a["bbox"] for a in sample.annotations}
+    assert all(box == boxes[1] == [20.0, 16.0, 60.0, 44.0] for box in boxes.values())
+    x, y = sample.annotations[3]["point_coords"][0]
+    assert sample.masks([3])[0][int(y), int(x)]
+
+
 def test_reject_ratio_failure(tmp_path):
     sa1b = _bad_inputs(tmp_path)
     with pytest.raises(RejectRatioError, match=r"rejected \(\d+\.\d% > max_reject_ratio 5.0%\).*corrupt JPEG"):
@@ -245,7 +276,7 @@ def test_kill_and_rerun_gives_the_same_shards(bench, tmp_path):
 def test_resize_rounding_matches_segment_anything():
     from segment_anything.utils.transforms import ResizeLongestSide
 
-    from edgesam.data.sa1b import longest_side_shape
+    from edgesam.data.annotations import longest_side_shape
 
     for h, w in [(1500, 2250), (2250, 1500), (333, 500), (640, 384), (257, 255), (1024, 1024)]:
         for size in (1024, 256, 64):

@@ -95,7 +95,7 @@ def test_load_teacher_loads_matching_state_dict(tmp_path, monkeypatch):
     source = build_tiny_sam(64, 32, 1, 2)
     path = tmp_path / "my_sam_b.pth"
     torch.save(source.state_dict(), path)
-    loaded = load_teacher("vit_b", path)
+    loaded = load_teacher("vit_b", path, allow_unverified=True)
     for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -121,7 +121,7 @@ def test_load_teacher_corrupt_and_truncated_files(tmp_path):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"this is not a checkpoint" * 10)
     with pytest.raises(TeacherCheckpointError, match="truncated or corrupt") as err:
-        load_teacher("vit_b", garbage)
+        load_teacher("vit_b", garbage, allow_unverified=True)
     assert str(garbage) in str(err.value)
 
     whole = tmp_path / "whole.pth"
@@ -129,7 +129,7 @@ def test_load_teacher_corrupt_and_truncated_files(tmp_path):
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     with pytest.raises(TeacherCheckpointError, match="truncated or corrupt") as err:
-        load_teacher("vit_b", truncated)
+        load_teacher("vit_b", truncated, allow_unverified=True)
     assert str(truncated) in str(err.value)
 
 
@@ -147,7 +147,7 @@ def test_load_teacher_wrong_model(tmp_path, tiny_sam):
     path = tmp_path / "tiny_as_vit_b.pth"
     torch.save(tiny_sam.state_dict(), path)
     with pytest.raises(TeacherCheckpointError) as err:
-        load_teacher("vit_b", path)
+        load_teacher("vit_b", path, allow_unverified=True)
     message = str(err.value)
     assert str(path) in message and "is not a SAM vit_b checkpoint" in message
     assert "missing keys" in message and "shape mismatches" in message
@@ -158,9 +158,19 @@ def test_load_teacher_rejects_non_state_dict(tmp_path):
     path = tmp_path / "list.pth"
     torch.save([torch.zeros(1)], path)
     with pytest.raises(TeacherCheckpointError, match="does not hold a state dict"):
-        load_teacher("vit_l", path)
+        load_teacher("vit_l", path, allow_unverified=True)
 
 
 def test_load_teacher_unknown_kind(tmp_path):
     with pytest.raises(ValueError, match="unknown SAM kind"):
         load_teacher("vit_x", tmp_path / "x.pth")
+
+
+def test_an_unofficial_sam_file_is_refused_unless_allowed_or_pinned(tmp_path, monkeypatch):
+    monkeypatch.setitem(teacher.sam_model_registry, "vit_b", lambda: build_tiny_sam(64, 32, 1, 2))
+    path = tmp_path / "fine_tuned_vit_b.pth"
+    torch.save(build_tiny_sam(64, 32, 1, 2).state_dict(), path)
+    with pytest.raises(TeacherCheckpointError, match=f"{path} is not an official SAM vit_b release"):
+        load_teacher("vit_b", path)
+    load_teacher("vit_b", path, sha256=file_digests(path)[0])
+    load_teacher("vit_b", path, allow_unverified=True)

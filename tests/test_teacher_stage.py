@@ -71,11 +71,74 @@ def test_sam_checkpoint_missing_or_wrong_is_a_clear_error(shard_artifact, tmp_pa
     with pytest.raises(TeacherCheckpointError, match=f"not found: {missing}"):
         teacher.run(TeacherConfig(kind="vit_b", checkpoint=missing), LOCAL, inputs, tmp_path)
     missing.write_bytes(b"\x00garbage")
-    with pytest.raises(TeacherCheckpointError, match="corrupt"):
+    with pytest.raises(TeacherCheckpointError, match="is not an official SAM vit_b release.*allow_unverified"):
         teacher.run(TeacherConfig(kind="vit_b", checkpoint=missing), LOCAL, inputs, tmp_path)
+    unverified = TeacherConfig(kind="vit_b", checkpoint=missing, allow_unverified=True)
+    with pytest.raises(TeacherCheckpointError, match="corrupt"):
+        teacher.run(unverified, LOCAL, inputs, tmp_path)
     torch.save(build_tiny_sam(256, 32, 1, 2).state_dict(), missing)  # a valid file of another model
     with pytest.raises(TeacherCheckpointError, match="is not a SAM vit_b checkpoint"):
-        teacher.run(TeacherConfig(kind="vit_b", checkpoint=missing), LOCAL, inputs, tmp_path)
+        teacher.run(unverified, LOCAL, inputs, tmp_path)
+
+
+def test_an_unofficial_sam_file_is_used_with_a_warning_when_allowed(shard_artifact, tmp_path, monkeypatch, caplog):
+    from edgesam.artifacts import file_digests
+    from edgesam.models import teacher as teacher_module
+
+    monkeypatch.setitem(teacher_module.sam_model_registry, "vit_b", lambda: build_tiny_sam(64, 32, 1, 2))
+    path = tmp_path / "my_sam_b.pth"
+    torch.save(build_tiny_sam(64, 32, 1, 2).state_dict(), path)
+    with caplog.at_level("WARNING"):
+        manifest = teacher.run(TeacherConfig(kind="vit_b", checkpoint=path, allow_unverified=True), LOCAL,
+                               {"shard": shard_artifact}, tmp_path)
+    assert f"teacher {path} is an unverified SAM vit_b checkpoint" in caplog.text
+    assert manifest["sha256"] == file_digests(path)[0]
+    pinned = TeacherConfig(kind="vit_b", checkpoint=path, sha256=manifest["sha256"])  # pinned: no warning needed
+    assert teacher.run(pinned, LOCAL, {"shard": shard_artifact}, tmp_path)["sha256"] == manifest["sha256"]
+
+
+def _packed_reference(tmp_path, shard_artifact) -> Path:
+    """A reference teacher packed from a tiny SAM, trained (as far as the test cares) on `shard_artifact`."""
+    from edgesam.models.reference import pack_reference
+    from edgesam.models.tiny_sam import save_tiny_sam
+
+    trained = tmp_path / "trained.pt"
+    save_tiny_sam(build_tiny_sam(256, 32, 1, 2), trained)
+    manifest = shard_artifact.manifest
+    benchmark = {"data_checksum": manifest["data_checksum"], "target_size": manifest["target_size"]}
+    out = tmp_path / "reference"
+    meta = pack_reference(trained, out, benchmark, {"box_miou": 0.5}, {"profile": "test"})
+    assert meta["arch"] == {"img_size": 256, "embed_dim": 32, "depth": 1, "num_heads": 2}
+    return out / "reference_teacher.pt"
+
+
+def test_reference_teacher_is_verified_by_sha256_and_loads_like_a_sam_checkpoint(shard_artifact, tmp_path):
+    from edgesam.models.tiny_sam import load_tiny_sam
+
+    weights = _packed_reference(tmp_path, shard_artifact)
+    state = torch.load(weights, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+    cfg = TeacherConfig(kind="reference", checkpoint=weights)
+    manifest = teacher.run(cfg, LOCAL, {"shard": shard_artifact}, tmp_path)
+    assert manifest["kind"] == "reference" and manifest["benchmark_matches"] and manifest["img_size"] == 256
+    artifact = Artifact("teacher", "ref", tmp_path)
+    artifact.commit(manifest)
+    loaded, trained = TeacherSource.from_artifact(artifact).load(), load_tiny_sam(tmp_path / "trained.pt")
+    for (name, a), b in zip(loaded.state_dict().items(), trained.state_dict().values()):
+        torch.testing.assert_close(a, b.half().float(), msg=name)  # float16 weights, float32 model
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")  # one byte off
+    with pytest.raises(TeacherCheckpointError, match="has sha256 .* pins .*damaged or different file"):
+        teacher.run(cfg, LOCAL, {"shard": shard_artifact}, tmp_path)
+
+
+def test_reference_teacher_on_another_benchmark_warns(shard_artifact, tmp_path, caplog):
+    weights = _packed_reference(tmp_path, shard_artifact)
+    other = Artifact("shard", "other", tmp_path / "other")
+    other.path.mkdir()
+    other.commit({**shard_artifact.manifest, "data_checksum": "0" * 64})
+    with caplog.at_level("WARNING"):
+        manifest = teacher.run(TeacherConfig(kind="reference", checkpoint=weights), LOCAL, {"shard": other}, tmp_path)
+    assert not manifest["benchmark_matches"] and "was trained on the embedded benchmark" in caplog.text
 
 
 def test_interior_points_and_corrective_clicks_sample_the_right_regions():

@@ -4,43 +4,28 @@ Real SA-1B and the embedded benchmark share the layout: `sa_NNNNNN.tar` files ho
 `sa_<id>.jpg` + `sa_<id>.json`. A tar is read in stream mode, one member at a time, so
 memory does not depend on its size. Every bad input (unsafe member path, truncated tar,
 image without JSON, malformed JSON, corrupt JPEG, RLE of the wrong size) becomes a
-`Rejected` record with its reason instead of an exception.
+`Rejected` record with its reason instead of an exception; an annotation whose `bbox` or
+`point_coords` cannot stand is fixed and listed as `Repaired`.
 
-This module does not import torch: `convert_unit` runs in pool / Ray worker processes,
-which then start fast and small.
+Torch-free, like `edgesam.data.units`: `ConvertTask`s run in the conversion workers.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
-import re
 import tarfile
-import time
-from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
-import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 
-from edgesam.artifacts import write_json_atomic
-from edgesam.data.tars import WriteSample, tar_writer
+from edgesam.data.annotations import BadSample, bbox_problem, encode_jpeg, interior_point, longest_side_shape, resized
+from edgesam.data.units import Converted, Rejected, Repaired, Unit, make_selector
 
 PAIR = ("jpg", "json")
-SPLITS = ("train", "val")
-_KEY_ID = re.compile(r"^sa_(\d+)$")
-
-
-@dataclass(frozen=True)
-class Rejected:
-    source: str
-    key: str
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -49,16 +34,6 @@ class Pair:
     key: str
     jpg: bytes
     json: bytes
-
-
-class BadSample(ValueError):
-    """A sample that cannot be used; the message is the reason recorded in the manifest."""
-
-
-def longest_side_shape(height: int, width: int, size: int) -> tuple[int, int]:
-    """SAM's `ResizeLongestSide.get_preprocess_shape` (same rounding), without torch."""
-    scale = size * 1.0 / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
 def find_sources(root: str | Path, split_dirs: tuple[str, ...] = ("train", "val")) -> dict[str | None, list[Path]]:
@@ -81,35 +56,6 @@ def _units(directory: Path) -> list[Path]:
     tars = sorted(p for p in directory.glob("*.tar") if p.is_file())
     has_pairs = any(directory.glob("sa_*.json")) or any(directory.glob("sa_*.jpg"))
     return tars + ([directory] if has_pairs else [])
-
-
-def image_id(key: str) -> int | str:
-    """The SA-1B image id of key `sa_<id>` (the key itself for other names)."""
-    match = _KEY_ID.match(key)
-    return int(match.group(1)) if match else key
-
-
-def id_fraction(key: str, salt: str) -> float:
-    """A deterministic number in [0, 1) from an image id, for subsets and split assignment."""
-    digest = hashlib.sha256(f"{salt}:{image_id(key)}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def _parse_id(text: str) -> int | str:
-    text = text.strip().removesuffix(".jpg")
-    return int(text) if text.isdigit() else image_id(text)
-
-
-def make_selector(fraction: float | None, ids_file: Path | None) -> Callable[[str], bool]:
-    """Keep an image by key: in the ids list file (one id or `sa_<id>` per line), else by fraction."""
-    if ids_file is not None:
-        if not Path(ids_file).is_file():
-            raise FileNotFoundError(f"{ids_file}: subset id list does not exist")
-        wanted = {_parse_id(line) for line in Path(ids_file).read_text().splitlines() if line.strip()}
-        return lambda key: image_id(key) in wanted
-    if fraction is not None:
-        return lambda key: id_fraction(key, "subset") < fraction
-    return lambda key: True
 
 
 def iter_pairs(unit: Path, select: Callable[[str], bool]) -> Iterator[Pair | Rejected]:
@@ -204,47 +150,46 @@ def _decode_jpeg(raw: bytes) -> Image.Image:
         raise BadSample(f"corrupt JPEG: {error}") from None
 
 
-def _resize_mask(rle: dict[str, Any], size: tuple[int, int], new_size: tuple[int, int]) -> np.ndarray:
-    """Decode an RLE and resize it (bilinear, threshold 0.5), resampling only around the mask.
-
-    Returns a Fortran-ordered uint8 mask, ready for `pycocotools.mask.encode`.
-    """
-    if list(rle.get("size", [])) != list(size):
-        raise BadSample(f"RLE size {rle.get('size')} does not match the image size {list(size)}")
-    try:
-        mask = mask_utils.decode(rle)
-        x, y, w, h = mask_utils.toBbox(rle)
-    except (TypeError, ValueError) as error:
-        raise BadSample(f"undecodable RLE: {error}") from None
-    if mask.shape == new_size:
-        return np.asfortranarray(mask)
-    out = np.zeros(new_size, dtype=np.uint8, order="F")
-    if w == 0 or h == 0:
-        return out
-    sy, sx = new_size[0] / size[0], new_size[1] / size[1]
-    # The output window around the mask (2 px margin) ...
-    x0, x1 = max(0, math.floor(x * sx) - 2), min(new_size[1], math.ceil((x + w) * sx) + 2)
-    y0, y1 = max(0, math.floor(y * sy) - 2), min(new_size[0], math.ceil((y + h) * sy) + 2)
-    # ... and the source crop it reads, with the bilinear filter's support as margin.
-    mx, my = math.ceil(max(1.0, 1 / sx)) + 1, math.ceil(max(1.0, 1 / sy)) + 1
-    cx0, cx1 = max(0, math.floor(x0 / sx) - mx), min(size[1], math.ceil(x1 / sx) + mx)
-    cy0, cy1 = max(0, math.floor(y0 / sy) - my), min(size[0], math.ceil(y1 / sy) + my)
-    crop = Image.fromarray(np.ascontiguousarray(mask[cy0:cy1, cx0:cx1]) * np.uint8(255))
-    box = (x0 / sx - cx0, y0 / sy - cy0, x1 / sx - cx0, y1 / sy - cy0)
-    out[y0:y1, x0:x1] = np.asarray(crop.resize((x1 - x0, y1 - y0), Image.BILINEAR, box=box)) >= 128
-    return out
-
-
 def _scale(values: list[float], sx: float, sy: float) -> list[float]:
     return [round(v * (sx if i % 2 == 0 else sy), 3) for i, v in enumerate(values)]
 
 
-def convert(pair: Pair, target_size: int, jpeg_quality: int) -> tuple[dict[str, Any], int]:
-    """Resize one pair so its longest side is `target_size`: (WebDataset sample, masks dropped).
+def _usable_points(points: Any, size: tuple[int, int]) -> bool:
+    """Whether `points` is a non-empty list of finite [x, y] inside the image."""
+    height, width = size
+    return isinstance(points, list) and bool(points) and all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in p)
+        and 0 <= p[0] <= width and 0 <= p[1] <= height
+        for p in points
+    )
+
+
+def _annotation(ann: dict[str, Any], size: tuple[int, int], new_size: tuple[int, int]) -> tuple[dict | None, list[str]]:
+    """(`ann` on the new frame or None when its mask vanishes there, the repairs it needed)."""
+    done = resized(ann["segmentation"], size, new_size)
+    if done is None:
+        return None, []
+    sx, sy = new_size[1] / size[1], new_size[0] / size[0]
+    repairs = [bbox_problem(ann.get("bbox"), ann["segmentation"], size)]
+    if _usable_points(ann.get("point_coords"), size):
+        points = [_scale(p, sx, sy) for p in ann["point_coords"]]
+    else:
+        repairs.append(f"point_coords {ann.get('point_coords')!r} missing or outside the image: "
+                       "the mask's deepest interior point used")
+        points = [interior_point(done.mask, done.bbox)]
+    return {
+        **ann, "segmentation": done.segmentation, "bbox": done.bbox, "area": done.area, "point_coords": points,
+        "crop_box": _scale(ann.get("crop_box", [0, 0, size[1], size[0]]), sx, sy),
+    }, [r for r in repairs if r]
+
+
+def convert(pair: Pair, target_size: int, jpeg_quality: int) -> Converted:
+    """Resize one pair so its longest side is `target_size`.
 
     Masks are resized once (bilinear, threshold 0.5) and re-encoded as RLE, with box and
     area recomputed from them (the box is the scaled box to within a pixel); points and
-    crop boxes are scaled; masks that vanish at the new size are dropped.
+    crop boxes are scaled; masks that vanish at the new size are dropped. A given box or
+    point list that cannot stand is replaced and listed in `repaired`.
     Raises `BadSample` with the reason when the pair is unusable.
     """
     record = _parse_record(pair.json)
@@ -253,91 +198,43 @@ def convert(pair: Pair, target_size: int, jpeg_quality: int) -> tuple[dict[str, 
     width, height = image.size
     if (int(info["width"]), int(info["height"])) != (width, height):
         raise BadSample(f"image is {width}x{height} but its JSON says {info['width']}x{info['height']}")
-    new_h, new_w = longest_side_shape(height, width, target_size)
-    sx, sy = new_w / width, new_h / height
-    annotations, dropped = [], 0
+    new_size = longest_side_shape(height, width, target_size)
+    annotations, repaired, dropped = [], [], 0
     for ann in record["annotations"]:
         try:
-            mask = _resize_mask(ann["segmentation"], (height, width), (new_h, new_w))
-            rle = mask_utils.encode(mask)
-            area = int(mask_utils.area(rle))
-            if area == 0:
-                dropped += 1
-                continue
-            annotations.append({
-                **ann,
-                "segmentation": {"size": [new_h, new_w], "counts": rle["counts"].decode("ascii")},
-                "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-                "area": area,
-                "point_coords": [_scale(p, sx, sy) for p in ann.get("point_coords", [])],
-                "crop_box": _scale(ann.get("crop_box", [0, 0, width, height]), sx, sy),
-            })
+            converted, repairs = _annotation(ann, (height, width), new_size)
         except (KeyError, TypeError, IndexError) as error:
             raise BadSample(f"malformed annotation {ann.get('id') if isinstance(ann, dict) else ann!r}: "
                             f"{type(error).__name__}: {error}") from None
-    resized = image if (new_w, new_h) == (width, height) else image.resize((new_w, new_h), Image.BILINEAR)
-    buffer = io.BytesIO()
-    resized.save(buffer, format="JPEG", quality=jpeg_quality)
-    meta = {**info, "width": new_w, "height": new_h, "original_width": width, "original_height": height}
+        if converted is None:
+            dropped += 1
+            continue
+        annotations.append(converted)
+        repaired += [Repaired(pair.source, pair.key, ann.get("id"), reason) for reason in repairs]
+    meta = {**info, "width": new_size[1], "height": new_size[0], "original_width": width, "original_height": height}
     body = json.dumps({"image": meta, "annotations": annotations}, separators=(",", ":")).encode()
-    return {"__key__": pair.key, "jpg": buffer.getvalue(), "json": body}, dropped
+    members = {"jpg": encode_jpeg(image, new_size, jpeg_quality), "json": body}
+    return Converted(pair.key, members, len(annotations), dropped, repaired=repaired)
 
 
-@dataclass(frozen=True)
-class ConvertTask:
-    """One input unit to convert into per-split part tars under `part_dir`."""
+@dataclass(frozen=True, kw_only=True)
+class ConvertTask(Unit):
+    """One SA-1B tar or directory of extracted pairs."""
 
-    index: int
     unit: Path
-    split: str | None  # None: split by image id with val_fraction
-    part_dir: Path
-    target_size: int
-    jpeg_quality: int = 95
     subset_fraction: float | None = None
     subset_ids_file: Path | None = None
-    val_fraction: float = 0.0
 
     @property
-    def summary_path(self) -> Path:
-        return self.part_dir / f"{self.index:06d}.json"
+    def name(self) -> str:
+        return str(self.unit)
 
-    def part_path(self, split: str) -> Path:
-        return self.part_dir / f"{self.index:06d}.{split}.tar"
-
-
-def convert_unit(task: ConvertTask) -> dict[str, Any]:
-    """Convert one unit into part tars (atomically), then write and return its summary.
-
-    A unit whose summary exists is done: its summary is returned without work, so a rerun
-    after an interruption only converts the remaining units.
-    """
-    if task.summary_path.is_file():
-        return json.loads(task.summary_path.read_text())
-    start = time.perf_counter()
-    select = make_selector(task.subset_fraction, task.subset_ids_file)
-    samples = {split: 0 for split in SPLITS}
-    rejected: list[dict[str, str]] = []
-    dropped = 0
-    with ExitStack() as parts:  # one part tar per split, each committed when the unit is done
-        writers: dict[str, WriteSample] = {}
-        for item in iter_pairs(task.unit, select):
+    def results(self) -> Iterator[Converted | Rejected]:
+        for item in iter_pairs(self.unit, make_selector(self.subset_fraction, self.subset_ids_file)):
             if isinstance(item, Rejected):
-                rejected.append(asdict(item))
+                yield item
                 continue
             try:
-                sample, lost = convert(item, task.target_size, task.jpeg_quality)
+                yield convert(item, self.target_size, self.jpeg_quality)
             except BadSample as error:
-                rejected.append(asdict(Rejected(item.source, item.key, str(error))))
-                continue
-            split = task.split or ("val" if id_fraction(item.key, "val") < task.val_fraction else "train")
-            if split not in writers:
-                writers[split] = parts.enter_context(tar_writer(task.part_path(split)))
-            writers[split](item.key, {"jpg": sample["jpg"], "json": sample["json"]})
-            samples[split] += 1
-            dropped += lost
-    summary = {
-        "index": task.index, "unit": str(task.unit), "samples": samples, "rejected": rejected,
-        "dropped_masks": dropped, "seconds": round(time.perf_counter() - start, 3),
-    }
-    write_json_atomic(task.summary_path, summary)
-    return summary
+                yield Rejected(item.source, item.key, str(error))

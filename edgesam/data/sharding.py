@@ -1,9 +1,10 @@
-"""From input units (SA-1B tars or directories) to shards: conversion tasks, parallel map, rejects.
+"""From input units to shards: conversion tasks, parallel map, reject and repair accounting.
 
-Each unit is converted by `edgesam.data.sa1b.convert_unit` (torch-free) into part tars and a
-summary; a unit with a summary is done. Units run inline, in a process pool, or as Ray
-tasks when Ray is initialized or an address is configured (the part directory must then be
-on storage the Ray workers share).
+Units are SA-1B tars or directories (`edgesam.data.sa1b`) and slices of COCO sources
+(`edgesam.data.coco_units`); each is converted by `edgesam.data.units.convert_unit`
+(torch-free) into part tars and a summary; a unit with a summary is done. Units run inline,
+in a process pool, or as Ray tasks when Ray is initialized or an address is configured (the
+part directory must then be on storage the Ray workers share).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from edgesam.config import RuntimeConfig, ShardConfig
+from edgesam.data.coco_units import coco_units
 from edgesam.data.sa1b import ConvertTask, find_sources
 from edgesam.data.shards import iter_raw
+from edgesam.data.units import Unit, make_selector
 
 log = logging.getLogger("edgesam.data.sharding")
 
@@ -26,17 +29,24 @@ class RejectRatioError(RuntimeError):
     """Too many inputs were rejected: the input is probably not what it should be."""
 
 
-def convert_tasks(sa1b_dir: Path, cfg: ShardConfig, part_dir: Path) -> list[ConvertTask]:
-    """One conversion task per input unit, in input order."""
-    units = [(split, unit) for split, found in find_sources(sa1b_dir).items() for unit in found]
-    return [
-        ConvertTask(i, unit, split, part_dir, cfg.target_size, cfg.jpeg_quality, cfg.subset_fraction,
-                    cfg.subset_ids_file, cfg.val_fraction)
-        for i, (split, unit) in enumerate(units)
-    ]
+def convert_tasks(data: dict[str, Any], cfg: ShardConfig, part_dir: Path) -> list[Unit]:
+    """One task per input unit of the data manifest: SA-1B units, then each COCO source's."""
+    common = {"part_dir": part_dir, "target_size": cfg.target_size, "jpeg_quality": cfg.jpeg_quality,
+              "val_fraction": cfg.val_fraction}
+    tasks: list[Unit] = []
+    if data.get("sa1b_dir"):
+        units = [(split, unit) for split, found in find_sources(data["sa1b_dir"]).items() for unit in found]
+        tasks += [ConvertTask(index=i, unit=unit, split=split, subset_fraction=cfg.subset_fraction,
+                              subset_ids_file=cfg.subset_ids_file, **common) for i, (split, unit) in enumerate(units)]
+    select = make_selector(cfg.subset_fraction, cfg.subset_ids_file)
+    for source in data.get("coco_sources", []):
+        tasks += coco_units(source, len(tasks), cfg.coco_unit_images, select, crowd=cfg.crowd, **common)
+    if not tasks:
+        raise FileNotFoundError("shard: the data manifest names neither sa1b_dir nor coco_sources")
+    return tasks
 
 
-def map_unordered(fn: Callable[[ConvertTask], dict], tasks: list[ConvertTask], workers: int,
+def map_unordered(fn: Callable[[Unit], dict], tasks: list[Unit], workers: int,
                   runtime: RuntimeConfig) -> Iterator[dict]:
     """fn over tasks, results as they complete: inline, in a process pool, or as Ray tasks."""
     if workers <= 1 or len(tasks) <= 1:
@@ -65,23 +75,37 @@ def map_unordered(fn: Callable[[ConvertTask], dict], tasks: list[ConvertTask], w
             yield future.result()
 
 
-def check_rejects(summaries: list[dict], cfg: ShardConfig) -> tuple[int, list[dict]]:
-    """(accepted images, rejects); raises `RejectRatioError` past `cfg.max_reject_ratio`."""
+def check_rejects(summaries: list[dict], cfg: ShardConfig) -> tuple[int, dict[str, Any]]:
+    """(accepted images, the manifest's accounting: rejects, repairs, counts).
+
+    Raises `RejectRatioError` when rejected images / images or rejected annotations /
+    annotations passes `cfg.max_reject_ratio`, or nothing is accepted.
+    """
     accepted = sum(sum(s["samples"].values()) for s in summaries)
+    kept = sum(s["annotations"] for s in summaries)
     rejected = [r for s in summaries for r in s["rejected"]]
-    total = accepted + len(rejected)
-    ratio = len(rejected) / max(total, 1)
-    if ratio > cfg.max_reject_ratio or accepted == 0:
-        examples = "; ".join(f"{r['source']}:{r['key']}: {r['reason']}" for r in rejected[:5])
-        raise RejectRatioError(
-            f"shard: {len(rejected)} of {total} inputs rejected ({ratio:.1%} > max_reject_ratio "
-            f"{cfg.max_reject_ratio:.1%}); first reasons: {examples or 'no input selected'}"
-        )
+    per_annotation = sum("annotation" in r for r in rejected)
+    ratios = {"images": (len(rejected) - per_annotation, accepted), "annotations": (per_annotation, kept)}
+    for level, (bad, good) in ratios.items():
+        ratio = bad / max(bad + good, 1)
+        if ratio > cfg.max_reject_ratio or accepted == 0:
+            examples = "; ".join(f"{r['source']}:{r['key']}: {r['reason']}" for r in rejected[:5])
+            raise RejectRatioError(
+                f"shard: {bad} of {bad + good} {level} rejected ({ratio:.1%} > max_reject_ratio "
+                f"{cfg.max_reject_ratio:.1%}); first reasons: {examples or 'no input selected'}"
+            )
     for r in rejected[:20]:
         log.warning("shard: rejected %s %s: %s", r["source"], r["key"], r["reason"])
     if len(rejected) > 20:
         log.warning("shard: ... and %d more rejects (all listed in the manifest)", len(rejected) - 20)
-    return accepted, rejected
+    repaired = [r for s in summaries for r in s["repaired"]]
+    if repaired:
+        log.info("shard: %d annotations repaired (listed in the manifest), e.g. %s", len(repaired),
+                 repaired[0]["reason"])
+    return accepted, {
+        "rejected": rejected, "repaired": repaired, "annotations": kept,
+        **{k: sum(s[k] for s in summaries) for k in ("dropped_masks", "crowd_skipped")},
+    }
 
 
 def part_samples(paths: list[Path]) -> Iterator[dict[str, Any]]:

@@ -24,7 +24,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from edgesam.artifacts import sha256_file, temp_path
-from edgesam.data.sa1b import SPLITS
+from edgesam.data.units import SPLITS
 
 
 

@@ -95,10 +95,12 @@ def _count_prior(stats: PriorStats, segmenter: Segmenter, encoded: Encoded, item
 
 
 def compare_with_teacher(
-    items: Iterable[EvalItem], teacher: Sam, students: Mapping[str, Sam], protocol: EvalProtocol = EvalProtocol()
+    items: Iterable[EvalItem], teacher: Sam, students: Mapping[str, Sam], protocol: EvalProtocol = EvalProtocol(),
+    records: list[IoURecord] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Box and point mIoU over objects, against ground truth and against the teacher's mask
-    for the same prompt: {model: {"box_gt", "point_gt", ["box_teacher", "point_teacher"], "objects"}}."""
+    for the same prompt: {model: {"box_gt", "point_gt", ["box_teacher", "point_teacher"], "objects"}}.
+    `records` collects every annotation's IoU (prompt `box_gt`, ...), for intervals."""
     models = {"teacher": Segmenter("teacher", teacher)} | {n: Segmenter(n, s) for n, s in students.items()}
     ious: dict[str, dict[str, list[torch.Tensor]]] = {name: {} for name in models}
     for segmenter in models.values():
@@ -112,10 +114,13 @@ def compare_with_teacher(
         for name, segmenter in models.items():
             masks = teacher_masks if name == "teacher" else segmenter.segment(item, protocol, clicks)
             for kind in ("box", "point"):
-                ious[name].setdefault(f"{kind}_gt", []).append(mask_iou(masks[kind].cpu(), gt))
+                found = {f"{kind}_gt": mask_iou(masks[kind].cpu(), gt)}
                 if name != "teacher":
-                    ious[name].setdefault(f"{kind}_teacher", []).append(
-                        mask_iou(masks[kind].cpu(), teacher_masks[kind].cpu()))
+                    found[f"{kind}_teacher"] = mask_iou(masks[kind].cpu(), teacher_masks[kind].cpu())
+                for key, values in found.items():
+                    ious[name].setdefault(key, []).append(values)
+                    if records is not None:
+                        records += [IoURecord(name, "val", key, "all", float(v), item.image_id) for v in values]
     results: dict[str, dict[str, float]] = {}
     for name, per_key in ious.items():
         if per_key:

@@ -141,8 +141,9 @@ def read_edgesam_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def load_edgesam(path: str | Path) -> Sam:
-    """Rebuild an EdgeSAM model from a checkpoint written by `save_edgesam` (eval mode)."""
+def load_edgesam(path: str | Path, fuse: bool = False) -> Sam:
+    """Rebuild an EdgeSAM model from a checkpoint written by `save_edgesam` (eval mode); `fuse`
+    reparameterizes its encoder for inference."""
     ckpt = read_edgesam_checkpoint(path)
     config = dict(ckpt["config"])
     fused = config.pop("fused")
@@ -153,4 +154,6 @@ def load_edgesam(path: str | Path) -> Sam:
         sam.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:
         raise EdgeSAMCheckpointError(f"{path}: weights do not match its config {ckpt['config']}: {exc}") from exc
+    if fuse and not fused:
+        sam.image_encoder.fuse()
     return sam.eval()

@@ -24,7 +24,7 @@ from edgesam.models.tiny_sam import load_tiny_sam
 
 log = logging.getLogger(__name__)
 
-SYNTHETIC = "synthetic"
+SYNTHETIC, REFERENCE = "synthetic", "reference"
 # Official release files. Meta publishes no SHA-256; the six hex characters in each file
 # name are the prefix of the file's MD5, and the full MD5 below is the digest widely used
 # to verify these downloads. We therefore verify the MD5 and report the SHA-256 we computed.
@@ -40,13 +40,15 @@ class TeacherCheckpointError(CheckpointError):
 
 
 def _check_kind(kind: str) -> None:
-    if kind != SYNTHETIC and kind not in OFFICIAL_CHECKPOINTS:
-        raise ValueError(f"unknown teacher kind {kind!r}; expected {SYNTHETIC} or one of {sorted(OFFICIAL_CHECKPOINTS)}")
+    if kind not in (SYNTHETIC, REFERENCE) and kind not in OFFICIAL_CHECKPOINTS:
+        raise ValueError(f"unknown teacher kind {kind!r}; expected {SYNTHETIC}, {REFERENCE} or one of "
+                         f"{sorted(OFFICIAL_CHECKPOINTS)}")
 
 
-def verify_sam_checkpoint(kind: str, path: Path, sha256: str | None = None) -> str:
-    """Hash a SAM `kind` checkpoint once and check it: the official MD5 for an official file
-    name, `sha256` when given. Returns the file's SHA-256."""
+def verify_sam_checkpoint(kind: str, path: Path, sha256: str | None = None, allow_unverified: bool = False) -> str:
+    """Hash a SAM `kind` checkpoint once and check it: the official MD5 (by file name, or by
+    content for a renamed release), or the pinned `sha256`. Any other file is refused unless
+    `allow_unverified`, and then used with a warning naming it. Returns the file's SHA-256."""
     _check_kind(kind)
     path = Path(path)
     if not path.is_file():
@@ -63,6 +65,14 @@ def verify_sam_checkpoint(kind: str, path: Path, sha256: str | None = None) -> s
         )
     if sha256 is not None and actual_sha256 != sha256.lower():
         raise TeacherCheckpointError(f"{path} has sha256 {actual_sha256}, expected {sha256}")
+    if sha256 is None and md5 != OFFICIAL_CHECKPOINTS.get(kind, ("", ""))[1]:
+        if not allow_unverified:
+            raise TeacherCheckpointError(
+                f"{path} is not an official SAM {kind} release (md5 {md5} matches none) and no teacher.sha256 "
+                "pins it: set teacher.allow_unverified: true to use it anyway, or teacher.sha256 to pin it"
+            )
+        log.warning("teacher %s is an unverified SAM %s checkpoint (not an official release, sha256 %s)",
+                    path, kind, actual_sha256)
     return actual_sha256
 
 
@@ -76,11 +86,11 @@ def load_sam_checkpoint(kind: str, path: Path) -> Sam:
     return sam.eval()
 
 
-def load_teacher(kind: str, checkpoint: Path, sha256: str | None = None) -> Sam:
+def load_teacher(kind: str, checkpoint: Path, sha256: str | None = None, allow_unverified: bool = False) -> Sam:
     """An official SAM (`vit_h`, `vit_l` or `vit_b`) from `checkpoint`: verified, then loaded."""
     if kind not in OFFICIAL_CHECKPOINTS:
         raise ValueError(f"unknown SAM kind {kind!r}; expected one of {sorted(OFFICIAL_CHECKPOINTS)}")
-    digest = verify_sam_checkpoint(kind, checkpoint, sha256)
+    digest = verify_sam_checkpoint(kind, checkpoint, sha256, allow_unverified)
     log.info("SAM %s checkpoint %s sha256=%s", kind, checkpoint, digest)
     return load_sam_checkpoint(kind, checkpoint)
 
@@ -88,8 +98,13 @@ def load_teacher(kind: str, checkpoint: Path, sha256: str | None = None) -> Sam:
 def build_teacher(kind: str, path: Path) -> Sam:
     """The teacher `Sam` of `kind` stored at `path` (eval mode, CPU), without hashing the file."""
     _check_kind(kind)
-    sam = load_tiny_sam(Path(path), TeacherCheckpointError) if kind == SYNTHETIC else load_sam_checkpoint(kind, path)
-    return sam.eval()
+    if kind == SYNTHETIC:
+        return load_tiny_sam(Path(path), TeacherCheckpointError).eval()
+    if kind == REFERENCE:
+        from edgesam.models.reference import load_reference
+
+        return load_reference(Path(path))
+    return load_sam_checkpoint(kind, path)
 
 
 @dataclass(frozen=True)
@@ -119,3 +134,20 @@ class TeacherSource:
 
     def load(self) -> Sam:
         return build_teacher(self.kind, Path(self.checkpoint))
+
+
+def describe_sam_teacher(kind: str, checkpoint: Path | None, sha256: str | None, allow_unverified: bool,
+                         target_size: int) -> dict:
+    """Verify a SAM ViT teacher file once (digest, then every key and shape) and describe it for
+    the teacher stage's manifest (nothing big is copied: the manifest references the file)."""
+    if checkpoint is None:
+        raise TeacherCheckpointError(f"teacher.kind={kind} needs teacher.checkpoint (the path of the official "
+                                     f"SAM {kind} checkpoint), or use teacher.kind=synthetic or reference")
+    path = Path(checkpoint).expanduser().resolve()
+    digest = verify_sam_checkpoint(kind, path, sha256, allow_unverified)
+    img_size = load_sam_checkpoint(kind, path).image_encoder.img_size
+    if target_size != img_size:
+        log.warning("shards are resized to %d but SAM %s runs at %d: images are resized again", target_size, kind,
+                    img_size)
+    log.info("teacher: verified SAM %s at %s (sha256 %s)", kind, path, digest)
+    return {"kind": kind, "checkpoint": str(path), "sha256": digest, "arch": {"kind": kind}, "img_size": img_size}

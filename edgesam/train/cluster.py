@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
-from edgesam.config import RuntimeConfig
+from edgesam.config import RuntimeConfig, TrainConfig
 
 log = logging.getLogger("edgesam.train")
 
@@ -41,3 +42,25 @@ def use_gpu(runtime: RuntimeConfig) -> bool:
     if runtime.use_gpu is not None:
         return runtime.use_gpu
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def resolve_device(runtime: RuntimeConfig) -> RuntimeConfig:
+    """`runtime` with `use_gpu` decided once for a whole run (cache keys depend on it): as
+    configured, else whether the cluster at the configured address has GPUs, else this machine."""
+    if runtime.use_gpu is not None:
+        return runtime
+    if runtime.ray_address or os.environ.get("RAY_ADDRESS"):
+        connect_ray(runtime)
+        gpu = use_gpu(runtime)
+    else:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    return runtime.model_copy(update={"use_gpu": gpu})
+
+
+def training_key(train: TrainConfig, runtime: RuntimeConfig) -> dict[str, Any]:
+    """The runtime settings that change a training stage's result: the seed, the number of
+    workers (the global batch and the scaled lr) and the precision (bf16 autocast on GPUs)."""
+    return {"seed": runtime.seed, "world_size": max(1, runtime.num_workers),
+            "precision": "bf16" if train.amp and runtime.use_gpu else "fp32"}

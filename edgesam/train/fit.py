@@ -125,6 +125,7 @@ def training_summary(summary: dict[str, Any]) -> dict[str, Any]:
         loss = {"first": history[0]["loss"], "last": history[-1]["loss"], "curve": curve}
     return {
         "steps": summary["steps"],
+        "resumed_from_step": summary.get("start_step", 0),  # > 0: continued from a checkpoint
         "train_seconds": summary["train_seconds"],
         "images_per_s": round(summary["images_per_s"], 3),
         "loss": loss,
