@@ -307,6 +307,14 @@ def available_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
 
 
+def profile_summary(name: str) -> str:
+    """The first comment line of profile `name`: its one-line description (`--help`)."""
+    for line in (PROFILES_DIR / f"{name}.yaml").read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+    return ""
+
+
 def load_profile(name: str, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """Build the pipeline config of profile `name`, with `overrides` deep-merged on top."""
     path = PROFILES_DIR / f"{name}.yaml"

@@ -22,6 +22,8 @@ from edgesam.metrics import SIZES, IoURecord  # noqa: E402
 MIOU_PLOT = "miou_by_prompt.png"
 SPEED_PLOT = "speed_vs_miou.png"
 OVERLAY_PLOT = "overlays.png"
+CURVES_PLOT = "training_curves.png"
+TRAINING_STAGES = ("teacher", "encoder_kd", "prompt_kd", "rpn")  # the stages whose manifests hold a loss curve
 MODEL_ORDER = ("teacher", "encoder_kd", "prompt_kd", "prompt_kd+rpn:official", "prompt_kd+rpn:weighted",
                "prompt_kd+rpn")
 DATASET_ORDER = ("sa1b", "coco")
@@ -74,6 +76,57 @@ def plot_speed_vs_miou(speed: dict[str, dict[str, float]], miou: dict[str, dict[
     ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.grid(alpha=0.3)
     _save(fig, path)
+
+
+def training_curve(manifest: dict[str, Any]) -> list[dict[str, float]]:
+    """The logged records of a training stage's manifest (`training_summary`; the teacher's
+    sits under `train`), or [] for a stage that trained nothing (e.g. a verified SAM teacher)."""
+    return manifest.get("train", manifest).get("loss", {}).get("curve", [])
+
+
+def plot_training_curves(curves: dict[str, list[dict[str, float]]], path: Path) -> None:
+    """One column per training stage: the loss against steps, and below it the stage's IoU
+    signals where it logs any (phase 2: student/teacher mask IoU per decoding iteration)."""
+    stages = [stage for stage, curve in curves.items() if curve]
+    fig, axes = plt.subplots(2, len(stages), figsize=(4.2 * len(stages), 5.6), squeeze=False, sharex="col",
+                             layout="constrained")
+    for (loss_ax, iou_ax), stage in zip(axes.T, stages):
+        curve = curves[stage]
+        steps = [r["step"] for r in curve]
+        losses = [r["loss"] for r in curve]
+        loss_ax.plot(steps, losses, color=COLORS[0], marker="." if len(curve) < 30 else None)
+        if min(losses) > 0:
+            loss_ax.set_yscale("log")
+        loss_ax.set_title(stage)
+        loss_ax.set_ylabel("loss")
+        loss_ax.grid(alpha=0.3)
+        ious = sorted({key for r in curve for key in r if "iou" in key})
+        for i, key in enumerate(ious):
+            iou_ax.plot(steps, [r.get(key, np.nan) for r in curve], label=key, color=COLORS[(i + 1) % len(COLORS)])
+        if ious:
+            iou_ax.set_ylim(0, 1)
+            iou_ax.set_ylabel("IoU")
+            iou_ax.legend(fontsize=7)
+            iou_ax.grid(alpha=0.3)
+        else:
+            iou_ax.set_yticks([])
+            iou_ax.text(0.5, 0.5, "no IoU logged", ha="center", va="center", transform=iou_ax.transAxes, color="gray")
+        iou_ax.set_xlabel("step")
+    _save(fig, path)
+
+
+def curves_section(curves: dict[str, list[dict[str, float]]]) -> list[str]:
+    """The report's training section: first and last logged loss per stage, and the plot."""
+    lines = ["## Training curves", "",
+             "Mean loss per logged window (`train.log_every` steps) of each training stage; `tensorboard --logdir "
+             "<stage artifact>/tensorboard` shows every logged scalar.", "",
+             "| stage | steps | first loss | last loss | last IoU |", "|---|---|---|---|---|"]
+    for stage, curve in curves.items():
+        if curve:
+            last = ", ".join(f"{key} {_fmt(value)}" for key, value in sorted(curve[-1].items()) if "iou" in key)
+            lines.append(f"| {stage} | {curve[-1]['step']} | {_fmt(curve[0]['loss'], 4)} | "
+                         f"{_fmt(curve[-1]['loss'], 4)} | {last or '-'} |")
+    return lines + ["", f"![training curves]({CURVES_PLOT})", ""]
 
 
 def _tint(image: np.ndarray, mask: np.ndarray, color: tuple[float, float, float]) -> np.ndarray:
@@ -160,8 +213,10 @@ def speed_table(speed: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
-def write_report(metrics: dict[str, Any], overlays: Sequence[Overlay], out: Path) -> list[str]:
-    """report.md and its plots in `out`; returns the written file names."""
+def write_report(metrics: dict[str, Any], overlays: Sequence[Overlay], out: Path,
+                 curves: dict[str, list[dict[str, float]]] | None = None) -> list[str]:
+    """report.md and its plots in `out`, with the upstream training `curves` (stage -> logged
+    records) when any; returns the written file names."""
     out = Path(out)
     miou, speed = metrics["miou"], metrics["speed"]
     files = [MIOU_PLOT, SPEED_PLOT]
@@ -186,6 +241,10 @@ def write_report(metrics: dict[str, Any], overlays: Sequence[Overlay], out: Path
         files.append(OVERLAY_PLOT)
         lines += ["## Teacher vs students", "", "The first click (star) on the largest object of the first val images.",
                   "", f"![overlays]({OVERLAY_PLOT})", ""]
+    if curves and any(curves.values()):
+        plot_training_curves(curves, out / CURVES_PLOT)
+        files.append(CURVES_PLOT)
+        lines += curves_section(curves)
     write_text_atomic(out / "report.md", "\n".join(lines))
     return ["report.md", *files]
 

@@ -13,12 +13,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
 
-from edgesam.artifacts import ArtifactStore
+from edgesam.artifacts import Artifact, ArtifactStore
 from edgesam.config import CocoSource, PipelineConfig, RuntimeConfig
 from edgesam.train.cluster import connect_ray, resolve_device
 from flows.caching import ManifestCache, retry_on_transient_io
 from flows.evaluation import publish_evaluation
 from flows.params import Profile, StageName, TeacherKind, pipeline_config
+from flows.training import StageProgress, publish_training_curves
 from pipelines.stage import PlannedStage, check_upstream, plan, run_stage, select
 
 STAGE_LOGGERS = ("edgesam", "pipelines")
@@ -34,8 +35,12 @@ STAGE_LOGGERS = ("edgesam", "pipelines")
     retry_condition_fn=retry_on_transient_io,
 )
 def stage_task(name: str, cfg: PipelineConfig, planned: PlannedStage, force: bool = False) -> Any:
-    """Run stage `name` through `pipelines.stage.run_stage`; a committed artifact ends as "Cached"."""
-    artifact, cached = run_stage(name, cfg, ArtifactStore(cfg.runtime.work_dir), force=force, planned=planned)
+    """Run stage `name` through `pipelines.stage.run_stage`; a committed artifact ends as "Cached".
+
+    A stage that trains shows its progress as a Prefect progress artifact (`flows.training`).
+    """
+    artifact, cached = run_stage(name, cfg, ArtifactStore(cfg.runtime.work_dir), force=force, planned=planned,
+                                 on_progress=StageProgress(name, cfg.profile))
     result = {"stage": name, "fingerprint": artifact.fingerprint, "path": str(artifact.path)}
     if cached:
         get_run_logger().info("stage %s: cached, committed artifact %s", name, artifact.path)
@@ -110,7 +115,8 @@ def edgesam(
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run the EdgeSAM DAG: data -> shard -> teacher -> embed -> encoder_kd -> prompt_kd -> rpn
-    -> evaluate -> export. Committed artifacts are reused (task state "Cached"); when the run
+    -> evaluate -> export. Committed artifacts are reused (task state "Cached"). Training stages
+    show a progress artifact while they train, and the run publishes their curves; when the run
     includes evaluate, its report and metrics are published as Prefect artifacts.
 
     Args:
@@ -160,6 +166,7 @@ def edgesam(
         summary_markdown(cfg, rows), key=f"edgesam-run-{cfg.profile}", description="stages, cache status, artifacts"
     )
     results = {row["stage"]: row for row in rows}
+    publish_training_curves([Artifact(r["stage"], r["fingerprint"], Path(r["path"])) for r in rows], cfg.profile)
     if "evaluate" in results:
         publish_evaluation(Path(results["evaluate"]["path"]), cfg.profile)
     return results

@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from edgesam.config import STAGES
+from edgesam.config import STAGES, parse_overrides
 from flows.pipeline import edgesam
-from edgesam.config import parse_overrides
 
 
 def headline(metrics: dict[str, Any], export_manifest: dict[str, Any] | None = None) -> str:
@@ -52,9 +51,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--stages", nargs="+", choices=STAGES, help="run only these (upstream from the cache)")
     parser.add_argument("--force", nargs="+", choices=STAGES, default=[], help="recompute these and downstream")
     args = parser.parse_args(argv)
+    try:
+        overrides = parse_overrides(args.overrides)
+    except ValueError as exc:
+        parser.error(str(exc))
 
     start = time.perf_counter()
-    results = edgesam(profile=args.profile, work_dir=args.work_dir, overrides=parse_overrides(args.overrides),
+    results = edgesam(profile=args.profile, work_dir=args.work_dir, overrides=overrides,
                       stages=args.stages, force=args.force)
     elapsed = time.perf_counter() - start
 

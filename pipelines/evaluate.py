@@ -6,7 +6,7 @@ COCO-format val JSON (whole objects, all of them) and any `extra_sets` (COCO/LVI
 Models: the teacher, the phase-1 and phase-2 students, and on COCO-format sets the phase-2
 student with the RPN granularity prior under both merge rules. Every protocol of
 `evaluate.protocols` runs on the same encodings. Writes `metrics.json`, the per-annotation
-IoUs (`ious.jsonl`), `report.md` and its plots.
+IoUs (`ious.jsonl`), `report.md` and its plots, with the upstream stages' training curves.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from edgesam.metrics import summarize
 from edgesam.models.edgesam import load_edgesam
 from edgesam.models.rpn import PRIOR_RULES, load_rpn
 from edgesam.models.teacher import TeacherSource
-from edgesam.report import write_report
+from edgesam.report import TRAINING_STAGES, training_curve, write_report
 
 STAGE = "evaluate"
 UPSTREAM = ("data", "shard", "teacher", "encoder_kd", "prompt_kd", "rpn")
@@ -95,7 +95,7 @@ def run(cfg: EvaluateConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact]
         },
     }
     write_json_atomic(out / METRICS_FILE, metrics)
-    files = write_report(metrics, overlays, out)
+    files = write_report(metrics, overlays, out, {s: training_curve(inputs[s].manifest) for s in TRAINING_STAGES})
     log.info("COCO point mIoU (%s): RPN off %.3f, on (%s) %.3f; SA-1B box mIoU teacher %.3f, prompt_kd %.3f",
              headline, prior["point_miou"][headline]["off"], rpn_manifest["merge"],
              miou[headline]["coco"][chosen]["point"]["all"], miou[headline]["sa1b"]["teacher"]["box"]["all"],

@@ -28,6 +28,7 @@ from typing import Iterable
 from edgesam.artifacts import Artifact, ArtifactStore, clear_partial_writes, code_version, fingerprint
 from edgesam.config import STAGES, PipelineConfig, cache_view
 from edgesam.train.cluster import resolve_device
+from edgesam.train.progress import ProgressCallback, reporting_progress
 
 log = logging.getLogger("edgesam.pipelines")
 
@@ -92,13 +93,15 @@ def check_upstream(selected: list[str], store: ArtifactStore, planned: dict[str,
 
 
 def run_stage(
-    name: str, cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, planned: PlannedStage | None = None
+    name: str, cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, planned: PlannedStage | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> tuple[Artifact, bool]:
     """Run one stage (or take it from the cache). Returns (artifact, was_cached).
 
     `planned` is the stage's entry of a `plan(cfg)` made at the start of a run (default: plan
     now), so that every stage of one run agrees on the fingerprints even if source files
-    are edited while it runs.
+    are edited while it runs. `on_progress(step, total, record)` is called, on this process,
+    for every logged step of the stage's training (`edgesam.train.fit`), if it trains.
     """
     planned = planned or plan(cfg)[name]
     artifact = store.artifact(name, planned.fingerprint)
@@ -121,7 +124,8 @@ def run_stage(
     log.info("stage %s: running -> %s", name, artifact.path)
     start = time.perf_counter()
     module = stage_module(name)
-    body = module.run(getattr(cfg, name), cfg.runtime, inputs, artifact.path)
+    with reporting_progress(on_progress):
+        body = module.run(getattr(cfg, name), cfg.runtime, inputs, artifact.path)
     elapsed = time.perf_counter() - start
     artifact.commit({
         **body,

@@ -1,7 +1,8 @@
 """A tiny committed chain of upstream artifacts (data .. rpn) for the rpn/evaluate/export stage tests.
 
 Real code paths everywhere (synthetic benchmark, shard stage, RPN stage); only the
-training stages are replaced by random-weight models at 128 px, saved in their formats.
+training stages are replaced by random-weight models at 128 px, saved in their formats, with
+made-up loss curves in their manifests (the rpn's is real).
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ from edgesam.models.tiny_sam import build_tiny_sam, save_tiny_sam
 
 IMG = 128
 LOCAL = RuntimeConfig(num_workers=0)
+
+
+def made_up_curve(steps: int, **iou_keys: float) -> list[dict[str, float]]:
+    """Logged records as `edgesam.train.fit` writes them: a falling loss and rising IoUs."""
+    return [{"step": s, "loss": 2.0 / s, "lr": 1e-3, "images_per_s": 10.0,
+             **{key: min(1.0, start + s / (2 * steps)) for key, start in iou_keys.items()}} for s in range(1, steps + 1)]
 
 
 def _artifact(root: Path, stage: str) -> Artifact:
@@ -43,12 +50,13 @@ def upstream_chain(root: Path, with_rpn: bool = True) -> dict[str, Artifact]:
     tiny = build_tiny_sam(img_size=IMG, embed_dim=32, depth=1, num_heads=2)
     save_tiny_sam(tiny, teacher.path / "teacher.pt")
     teacher.commit({"kind": "synthetic", "checkpoint": "teacher.pt", "sha256": sha256_file(teacher.path / "teacher.pt"),
-                    "img_size": IMG})
+                    "img_size": IMG, "train": {"loss": {"curve": made_up_curve(6, train_box_iou=0.3)}}})
     arts["teacher"] = teacher
     for stage in ("encoder_kd", "prompt_kd"):
         student = _artifact(root, stage)
         save_edgesam(build_edgesam("repvit_m1", img_size=IMG, decoder_init=tiny), student.path / "student.pt")
-        student.commit({"student": "student.pt", "img_size": IMG})
+        iou = {"iou_iter0": 0.2, "iou_iter1": 0.4} if stage == "prompt_kd" else {}
+        student.commit({"student": "student.pt", "img_size": IMG, "loss": {"curve": made_up_curve(5, **iou)}})
         arts[stage] = student
     if with_rpn:
         from pipelines import rpn

@@ -245,6 +245,12 @@ def test_evaluate_stage_writes_metrics_report_and_plots(evaluated):
     assert all(r["diff_low"] <= r["diff"] <= r["diff_high"] for r in rows)
     assert "### Comparisons, protocol `paper`" in report
     assert f"| paper | {prior['point_miou']['paper']['off']:.3f} |" in report
+    assert "training_curves.png" in manifest["files"]
+    assert "![training curves](training_curves.png)" in report
+    assert (artifact.path / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [line for line in report.splitlines() if line.startswith(("| teacher | 6 |", "| encoder_kd | 5 |",
+                                                                       "| prompt_kd | 5 |", "| rpn | 2 |"))]
+    assert len(rows) == 4 and "iou_iter0 0.700, iou_iter1 0.900" in rows[2] and "train_box_iou 0.800" in rows[0]
     lines = (artifact.path / "ious.jsonl").read_text().splitlines()
     assert sum(v["count"] for m in metrics["miou"]["paper"]["coco"].values() for v in m.values()) + sum(
         v["count"] for m in metrics["miou"]["paper"]["sa1b"].values() for v in m.values()) == sum(

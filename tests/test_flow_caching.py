@@ -1,7 +1,9 @@
-"""Caching, `stages`, `force` and retry semantics of the `edgesam` flow, on a fake stage registry.
+"""Caching, `stages`, `force` and retry semantics of the `edgesam` flow, on a fake stage registry,
+and the training stages' Prefect artifacts (progress, curves).
 
-The fake stages have the real names and DAG but only write a small file, so these tests
-exercise the flow and Prefect's caching against a temporary Prefect server in seconds.
+The fake stages have the real names and DAG but only write a small file (the training ones
+also report progress and a loss curve), so these tests exercise the flow and Prefect's
+caching against a temporary Prefect server in seconds.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
@@ -21,6 +23,7 @@ import flows.pipeline
 import pipelines.stage
 from edgesam.artifacts import source_hash
 from edgesam.config import STAGES
+from edgesam.train.progress import ambient_progress
 from flows.pipeline import edgesam
 from pipelines.stage import MissingUpstreamError
 
@@ -30,6 +33,7 @@ DAG = {
     "rpn": ("data", "prompt_kd"), "evaluate": ("data", "shard", "teacher", "encoder_kd", "prompt_kd", "rpn"),
     "export": ("prompt_kd", "rpn", "evaluate"),
 }
+TRAINING = ("encoder_kd", "prompt_kd")  # the fakes that "train": 3 logged steps, as `fit` reports them
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +67,13 @@ class FakeStages:
             (out / "result.json").write_text(json.dumps({"config": cfg.model_dump(mode="json")}))
             if name == "evaluate":  # what the flow publishes as Prefect artifacts
                 (out / "metrics.json").write_text(json.dumps({"miou": {"box": 0.5}}))
-            return {"inputs": sorted(inputs)}
+            if name not in TRAINING:
+                return {"inputs": sorted(inputs)}
+            curve = [{"step": step, "loss": 1.0 / step, "lr": 1e-3, "images_per_s": 5.0} for step in (1, 2, 3)]
+            progress = ambient_progress()  # what `edgesam.train.fit` calls back
+            for record in curve:
+                progress(record["step"], 3, record)
+            return {"inputs": sorted(inputs), "loss": {"curve": curve}}
         return run
 
     def module(self, name):
@@ -85,24 +95,62 @@ def run_flow(tmp_path, **params):
     return state
 
 
-def task_states(flow_state) -> dict[str, str]:
-    """Task-run states of a flow run; waits (up to 30 s) for the server to have recorded them all."""
-    import asyncio
-
-    async def read():
-        async with get_client() as client:
-            for _ in range(60):
-                runs = await client.read_task_runs(
-                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
-                )
-                if all(run.state is not None for run in runs):
-                    break
-                await asyncio.sleep(0.5)
-        return {run.name: run.state.name for run in runs}
-
+def read_from_server(read):
+    """`await read(client)` against the test server."""
     from prefect.utilities.asyncutils import run_coro_as_sync
 
-    return run_coro_as_sync(read())
+    async def run():
+        async with get_client() as client:
+            return await read(client)
+
+    return run_coro_as_sync(run())
+
+
+def task_runs(flow_state) -> list:
+    """Task runs of a flow run; waits (up to 30 s) for the server to have recorded all their states."""
+    import asyncio
+
+    flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
+
+    async def read(client):
+        for _ in range(60):
+            runs = await client.read_task_runs(flow_run_filter=flow_runs)
+            if all(run.state is not None for run in runs):
+                break
+            await asyncio.sleep(0.5)
+        return runs
+
+    return read_from_server(read)
+
+
+def task_states(flow_state) -> dict[str, str]:
+    return {run.name: run.state.name for run in task_runs(flow_state)}
+
+
+def run_artifacts(flow_state) -> list:
+    artifacts = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_state.state_details.flow_run_id]))
+    return read_from_server(lambda client: client.read_artifacts(artifact_filter=artifacts))
+
+
+def test_training_stages_show_progress_and_publish_their_curves(tmp_path, fake):
+    state = run_flow(tmp_path)
+    assert state.is_completed()
+    artifacts = run_artifacts(state)
+    progress = {a.key: a for a in artifacts if a.type == "progress"}
+    assert set(progress) == {"edgesam-progress-encoder-kd-smoke", "edgesam-progress-prompt-kd-smoke"}
+    assert sum(a.type == "progress" for a in artifacts) == 2  # one per stage, created once and then updated
+    names = {run.id: run.name for run in task_runs(state)}
+    for stage in TRAINING:
+        artifact = progress[f"edgesam-progress-{stage.replace('_', '-')}-smoke"]
+        assert artifact.data == 100.0  # created at step 1 (33 %), updated to the last step
+        assert artifact.description == f"{stage} training: step 3/3, loss 0.3333"
+        assert names[artifact.task_run_id] == stage  # on the stage's own task run
+    (curves,) = [a for a in artifacts if a.key == "edgesam-curves-smoke"]
+    assert "data:image/png;base64," in curves.data
+    assert "| encoder_kd | 3 | 1.0000 | 0.3333 | - |" in curves.data and "| prompt_kd | 3 |" in curves.data
+
+    cached = run_artifacts(run_flow(tmp_path))  # nothing trains, the curves are published again
+    assert not [a for a in cached if a.type == "progress"] and [a for a in cached if a.key == "edgesam-curves-smoke"]
 
 
 def test_cached_rerun_force_and_deleted_artifact(tmp_path, fake):

@@ -220,6 +220,18 @@ def test_stages_write_students_and_report_miou(kd_inputs, tmp_path):
         assert entry["objects"] == 4
         assert all(0.0 <= entry[k] <= 1.0 for k in ("box_gt", "point_gt", "box_teacher", "point_teacher"))
     assert set(body2["miou"]["teacher"]) == {"box_gt", "point_gt", "objects"}
+    # watchable: the phase-2 student/teacher IoU of every decoding iteration, at the logged steps
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert body2["tensorboard"] == "tensorboard"
+    events = EventAccumulator(str(tmp_path / "p2" / "tensorboard"))
+    events.Reload()
+    logged = [record["step"] for record in body2["loss"]["curve"]]
+    assert cfg2.decode_iters >= 2 and [e.step for e in events.Scalars("train/loss")] == logged
+    for k in range(cfg2.decode_iters):
+        iou = events.Scalars(f"train/iou_iter{k}")
+        assert [e.step for e in iou] == logged
+        assert [e.value for e in iou] == pytest.approx([r[f"iou_iter{k}"] for r in body2["loss"]["curve"]], abs=1e-5)
 
 
 def test_a_stage_hashes_the_teacher_checkpoint_once(kd_inputs, tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""The shared training loop: loss falls, schedule, resume after a kill, NaN stops cleanly, Ray Train."""
+"""The shared training loop: loss falls, schedule, resume after a kill, NaN stops cleanly, Ray Train,
+TensorBoard event files and progress callbacks."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import torch
 from torch import nn
 
 from edgesam.config import RuntimeConfig, TrainConfig
-from edgesam.train import NonFiniteLossError, fit, last_checkpoint_path, load_checkpoint, warmup_cosine_factor
+from edgesam.train import (
+    NonFiniteLossError, fit, last_checkpoint_path, load_checkpoint, run_location, warmup_cosine_factor,
+)
 
 LOCAL = RuntimeConfig(num_workers=0, seed=0)
 
@@ -121,6 +124,77 @@ def test_rerun_of_a_finished_run_trains_nothing_and_brings_the_files_back(tmp_pa
     assert torch.load(tmp_path / "model.pt").keys() == {"weight", "bias"}
 
 
+def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    """TensorBoard's view of an event directory: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(logdir))
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def written_steps(logdir: Path, tag: str) -> list[int]:
+    """The steps of `tag` in every event file as written (TensorBoard's reader hides duplicates)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return [event.step for path in sorted(logdir.glob("*tfevents*")) for event in EventFileLoader(str(path)).Load()
+            for value in event.summary.value if value.tag == tag]
+
+
+def assert_events_match(logdir: Path, history: list[dict]) -> None:
+    found = scalars(logdir)
+    assert set(found) == {f"train/{key}" for key in history[0] if key != "step"}
+    for key in history[0]:
+        if key != "step":
+            assert [s for s, _ in found[f"train/{key}"]] == [h["step"] for h in history]
+            assert [v for _, v in found[f"train/{key}"]] == pytest.approx([h[key] for h in history], rel=1e-6)
+
+
+def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
+    result = fit(LinearTask(), CFG, LOCAL, tmp_path)
+    assert result["tensorboard"] == "tensorboard" and [h["step"] for h in result["history"]] == list(range(4, 33, 4))
+    assert_events_match(tmp_path / "tensorboard", result["history"])
+    assert_events_match(Path(run_location(tmp_path, None)) / "tensorboard", result["history"])  # the live file
+
+
+def test_resumed_run_continues_the_same_curves_without_duplicate_steps(tmp_path):
+    straight = fit(LinearTask(), CFG, LOCAL, tmp_path / "straight")
+    with pytest.raises(Crash):
+        fit(LinearTask(crash_at=15), CFG, LOCAL, tmp_path / "killed")  # logged step 12, checkpoint at 10
+    live = Path(run_location(tmp_path / "killed", None)) / "tensorboard"
+    assert written_steps(live, "train/loss") == [4, 8, 12]
+    resumed = fit(LinearTask(), CFG, LOCAL, tmp_path / "killed")
+    assert resumed["start_step"] == 10
+    for logdir in (tmp_path / "killed" / "tensorboard", live):
+        assert written_steps(logdir, "train/loss") == list(range(4, 33, 4))
+        assert_events_match(logdir, resumed["history"])
+    # the same curve as without the kill, except at step 12, whose window after the resume is steps 11-12
+    losses = {s: v for s, v in scalars(tmp_path / "killed" / "tensorboard")["train/loss"] if s != 12}
+    assert losses == pytest.approx({h["step"]: h["loss"] for h in straight["history"] if h["step"] != 12}, rel=1e-5)
+
+
+def test_progress_callback_sees_every_logged_record_in_step_order(tmp_path):
+    calls = []
+    result = fit(LinearTask(), CFG, LOCAL, tmp_path / "a", on_progress=lambda *call: calls.append(call))
+    assert [step for step, _, _ in calls] == [h["step"] for h in result["history"]] == list(range(4, 33, 4))
+    assert {total for _, total, _ in calls} == {32} and [r for _, _, r in calls] == result["history"]
+
+    def broken(step, total, record):
+        raise RuntimeError("watcher down")
+
+    assert fit(LinearTask(), CFG, LOCAL, tmp_path / "b", on_progress=broken)["steps"] == 32  # training goes on
+
+
+def test_progress_reaches_fit_through_an_enclosing_block(tmp_path):
+    from edgesam.train.progress import reporting_progress
+
+    calls = []
+    with reporting_progress(lambda step, total, record: calls.append(step)):
+        fit(LinearTask(), CFG.model_copy(update={"max_steps": 8}), LOCAL, tmp_path / "a")
+    fit(LinearTask(), CFG.model_copy(update={"max_steps": 8}), LOCAL, tmp_path / "b")
+    assert calls == [4, 8]
+
+
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 8.*checkpoint_00000005 \(step 5\)"):
         fit(LinearTask(nan_at=8), CFG, LOCAL, tmp_path)
@@ -128,7 +202,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
     assert state["step"] == 5 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-def test_ray_train_worker_runs_and_surfaces_nan_error(tmp_path):
+def test_ray_train_worker_runs_reports_progress_and_surfaces_nan_error(tmp_path):
     import sys
 
     import ray
@@ -137,9 +211,15 @@ def test_ray_train_worker_runs_and_surfaces_nan_error(tmp_path):
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not on the workers' path
 
     runtime = RuntimeConfig(num_workers=1, cpus_per_worker=1, object_store_mb=128)
+    calls = []
     try:
-        result = fit(LinearTask(), CFG.model_copy(update={"max_steps": 8}), runtime, tmp_path / "ok")
+        result = fit(LinearTask(), CFG.model_copy(update={"max_steps": 8}), runtime, tmp_path / "ok",
+                     on_progress=lambda *call: calls.append(call))
         assert result["steps"] == 8 and math.isfinite(result["history"][-1]["loss"])
+        # from the worker process to this one: progress through the relay, events in the final checkpoint
+        assert [(step, total) for step, total, _ in calls] == [(4, 8), (8, 8)]
+        assert [record for _, _, record in calls] == result["history"]
+        assert_events_match(tmp_path / "ok" / "tensorboard", result["history"])
         with pytest.raises(NonFiniteLossError, match="non-finite loss .* at step 3"):
             fit(LinearTask(nan_at=3), CFG, runtime, tmp_path / "nan")
     finally:

@@ -1,9 +1,9 @@
 """Training checkpoints as Ray Train `Checkpoint` directories, and where to find them.
 
 A checkpoint directory holds `state.pt` (model, optimizer, scheduler, step, per-rank RNG,
-loss history). The final one also holds `artifact/` (what `task.save` wrote) and
-`artifact.json` (its manifest entries): the stage's files travel to the driver inside the
-checkpoint, never through a worker's local disk.
+loss history). The final one also holds `artifact/` (what `task.save` wrote),
+`artifact.json` (its manifest entries) and `tensorboard/` (the run's event files): the
+stage's files travel to the driver inside the checkpoint, never through a worker's local disk.
 
 Ray Train persists reported checkpoints under `<storage>/<run name>/` and, on a restart or a
 rerun with the same storage and name, gives the latest to every worker
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from edgesam.artifacts import write_json_atomic
+from edgesam.artifacts import atomic_path, write_json_atomic
 
 if TYPE_CHECKING:  # ray.train is imported where used: it takes seconds to import
     from ray.train import Checkpoint
@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # ray.train is imported where used: it takes seconds to impor
 STATE = "state.pt"
 ARTIFACT = "artifact"
 ARTIFACT_MANIFEST = "artifact.json"
+TENSORBOARD = "tensorboard"  # the run's event files (edgesam.train.events), in the final checkpoint and the artifact
 NUM_TO_KEEP = 2  # checkpoints kept per run (Ray Train never deletes the latest)
 
 
@@ -94,11 +95,18 @@ def load_state(checkpoint: Checkpoint) -> tuple[dict[str, Any], bool]:
     return state, final
 
 
+def _copy_files(source: Path, target: Path) -> None:
+    """Copy every file under `source` to the same place under `target`, each atomically."""
+    for path in sorted(source.rglob("*")):
+        if path.is_file():
+            with atomic_path(target / path.relative_to(source)) as tmp:
+                shutil.copyfile(path, tmp)
+
+
 def export_artifact(checkpoint: Checkpoint, out_dir: Path) -> dict[str, Any]:
-    """Copy the final checkpoint's artifact files into `out_dir` (each through a temp file and
-    `os.replace`: never a partial file) and return their manifest entries."""
+    """Copy the final checkpoint's artifact files into `out_dir`, and its TensorBoard event
+    files into `out_dir/tensorboard`, each atomically; return the artifact's manifest entries."""
     with checkpoint.as_directory() as directory:
-        source = Path(directory) / ARTIFACT
         manifest_path = Path(directory) / ARTIFACT_MANIFEST
         if not manifest_path.is_file():
             raise RuntimeError(
@@ -107,19 +115,8 @@ def export_artifact(checkpoint: Checkpoint, out_dir: Path) -> dict[str, Any]:
                 "directory or a URI)"
             )
         files = json.loads(manifest_path.read_text())
-        for path in sorted(source.rglob("*")):
-            if not path.is_file():
-                continue
-            target = Path(out_dir) / path.relative_to(source)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-            os.close(fd)
-            try:
-                shutil.copyfile(path, tmp)
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+        _copy_files(Path(directory) / ARTIFACT, Path(out_dir))
+        _copy_files(Path(directory) / TENSORBOARD, Path(out_dir) / TENSORBOARD)
     return files
 
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from edgesam.config import RuntimeConfig, TrainConfig
-from edgesam.train.checkpoint import NUM_TO_KEEP, LocalRun, export_artifact, is_uri, run_storage
+from edgesam.train.checkpoint import NUM_TO_KEEP, TENSORBOARD, LocalRun, export_artifact, is_uri, run_storage
 from edgesam.train.cluster import connect_ray, use_gpu
 from edgesam.train.loop import train_worker
+from edgesam.train.progress import ProgressCallback, ambient_progress, guarded, relay
 from edgesam.train.task import TrainTask
 
 log = logging.getLogger("edgesam.train")
@@ -26,20 +28,27 @@ def _warn_if_node_local(runtime: RuntimeConfig) -> None:
                     "artifact directory, which must then be on a filesystem every node shares")
 
 
-def fit(task: TrainTask, cfg: TrainConfig, runtime: RuntimeConfig, out_dir: Path) -> dict[str, Any]:
+def fit(task: TrainTask, cfg: TrainConfig, runtime: RuntimeConfig, out_dir: Path,
+        on_progress: ProgressCallback | None = None) -> dict[str, Any]:
     """Train `task` on `runtime.num_workers` Ray Train workers; write its files into `out_dir`.
 
     Checkpoints live in Ray Train's storage (`runtime.storage_path`, default
     `out_dir/.ray_train`) under a name stable per artifact: a rerun after a kill resumes from
     the latest one, and Ray restarts failed workers from it up to `runtime.max_failures`
     times. The task's final files come back inside the final checkpoint and are copied into
-    `out_dir` here, on the driver. `runtime.num_workers == 0` runs Ray Train's local mode in
-    this process (unit tests).
+    `out_dir` here, on the driver, with rank 0's TensorBoard event files in
+    `out_dir/tensorboard` (`edgesam.train.events`). `runtime.num_workers == 0` runs Ray
+    Train's local mode in this process (unit tests).
+
+    `on_progress(step, total, record)` (default: the one of an enclosing
+    `edgesam.train.progress.reporting_progress` block) is called on this process for every
+    logged record, in step order; its errors are logged, never raised.
 
     Returns {"steps", "start_step" (where this call resumed), "history" (loss curve),
-    "files" (from task.save), "checkpoint" (the final one), "train_seconds",
-    "images_per_s", "wall_seconds"}. A worker's exception is re-raised here as itself (e.g.
-    `NonFiniteLossError`), with Ray's wrapper as its cause.
+    "files" (from task.save), "tensorboard" (the event files' directory in `out_dir`),
+    "checkpoint" (the final one), "train_seconds", "images_per_s", "wall_seconds"}. A
+    worker's exception is re-raised here as itself (e.g. `NonFiniteLossError`), with Ray's
+    wrapper as its cause.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -59,38 +68,35 @@ def fit(task: TrainTask, cfg: TrainConfig, runtime: RuntimeConfig, out_dir: Path
         _warn_if_node_local(runtime)
     if cfg.sync_bn and runtime.num_workers > 1 and not gpu:
         raise ValueError("train.sync_bn needs GPU workers: torch's SyncBatchNorm only runs on CUDA")
-    config = {
-        "task": task, "cfg": cfg, "run": run, "local": local, "use_gpu": gpu, "seed": runtime.seed,
-        "sync_bn": cfg.sync_bn, "threads": None if gpu or local else runtime.cpus_per_worker,
-    }
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(
-            num_workers=runtime.num_workers,
-            use_gpu=gpu,
-            resources_per_worker=None if gpu else {"CPU": runtime.cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=runtime.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=NUM_TO_KEEP),
-        ),
-    )
-    start = time.perf_counter()
-    try:
-        result = trainer.fit()
-    except Exception as exc:
-        failures = getattr(exc, "worker_failures", None)
-        if failures:
-            raise failures[min(failures)] from exc
-        raise
+    on_progress = on_progress or ambient_progress()
+    callback = guarded(on_progress) if on_progress else None
+    with relay(callback) if callback and not local else nullcontext(callback) as progress:
+        config = {
+            "task": task, "cfg": cfg, "run": run, "local": local, "use_gpu": gpu, "seed": runtime.seed,
+            "sync_bn": cfg.sync_bn, "threads": None if gpu or local else runtime.cpus_per_worker, "progress": progress,
+        }
+        start = time.perf_counter()
+        result = _run(TorchTrainer(
+            train_worker,
+            train_loop_config=config,
+            scaling_config=ScalingConfig(
+                num_workers=runtime.num_workers,
+                use_gpu=gpu,
+                resources_per_worker=None if gpu else {"CPU": runtime.cpus_per_worker},
+            ),
+            run_config=RunConfig(
+                name=name,
+                storage_path=storage,
+                failure_config=FailureConfig(max_failures=runtime.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=NUM_TO_KEEP),
+            ),
+        ))
     final = LocalRun(run).latest() if local else result.checkpoint
     if final is None:
         raise RuntimeError(f"{type(task).__name__}: training reported no checkpoint to {run}")
     summary = dict(result.return_value)
     summary["files"] = export_artifact(final, out_dir)
+    summary["tensorboard"] = TENSORBOARD if (out_dir / TENSORBOARD).is_dir() else None
     summary["checkpoint"] = final.path
     summary["wall_seconds"] = round(time.perf_counter() - start, 2)
     log.info("%s: %d steps in %.1fs (%.1f images/s), files %s in %s", type(task).__name__, summary["steps"],
@@ -98,8 +104,20 @@ def fit(task: TrainTask, cfg: TrainConfig, runtime: RuntimeConfig, out_dir: Path
     return summary
 
 
+def _run(trainer: Any) -> Any:
+    """`trainer.fit()`, re-raising a worker's exception as itself, with Ray's wrapper as its cause."""
+    try:
+        return trainer.fit()
+    except Exception as exc:
+        failures = getattr(exc, "worker_failures", None)
+        if failures:
+            raise failures[min(failures)] from exc
+        raise
+
+
 def training_summary(summary: dict[str, Any]) -> dict[str, Any]:
-    """The manifest fields of a `fit` result: steps, time, throughput, and the logged loss curve."""
+    """The manifest fields of a `fit` result: steps, time, throughput, the logged loss curve and
+    the TensorBoard event files' directory (`tensorboard --logdir <artifact>/tensorboard`)."""
     history = summary["history"]
     loss = {}
     if history:
@@ -111,4 +129,5 @@ def training_summary(summary: dict[str, Any]) -> dict[str, Any]:
         "train_seconds": summary["train_seconds"],
         "images_per_s": round(summary["images_per_s"], 3),
         "loss": loss,
+        **({"tensorboard": summary["tensorboard"]} if summary.get("tensorboard") else {}),
     }

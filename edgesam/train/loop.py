@@ -33,6 +33,7 @@ from edgesam.train.checkpoint import (
     write_artifact,
     write_state,
 )
+from edgesam.train.events import EventLog
 from edgesam.train.schedule import build_scheduler, scaled_lr
 from edgesam.train.task import TrainTask
 
@@ -179,7 +180,9 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     latest, after a worker restart or a rerun with the same storage and name). Every
     `checkpoint_every` steps and at the end, rank 0 writes the state into a temporary
     directory and reports it; the other ranks report metrics only. The final checkpoint
-    also holds the task's files (`task.save`), which `fit` copies to the artifact directory.
+    also holds the task's files (`task.save`) and the TensorBoard event file (`EventLog`),
+    which `fit` copies to the artifact directory. Rank 0 hands every logged record to
+    `config["progress"]` (`edgesam.train.progress`), when set.
     """
     import ray.train
     import ray.train.torch
@@ -235,6 +238,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         if is_main:
             log.info("resuming from %s at step %d/%d", checkpoint.path, step, steps)
     start_step = step
+    progress = config.get("progress") if is_main else None
+    events = EventLog(run, history) if is_main and step < steps else None
 
     def report(final: bool) -> None:
         """Report a checkpoint of the current step (collective: every rank calls it)."""
@@ -251,6 +256,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
                 if final:
                     (Path(tmp) / ARTIFACT).mkdir()
                     write_artifact(Path(tmp), task.save(model, Path(tmp) / ARTIFACT))
+                    events.copy_to(Path(tmp))
             if local_run is not None:
                 local_run.persist(Path(tmp), name)
                 ray.train.report(metrics)
@@ -272,44 +278,51 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     window_metrics: dict[str, list[float]] = {}
     start = time.perf_counter()
     images_total = 0
-    while step < steps:
-        batch = move_to(next(stream), device)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-        with autocast:
-            loss, metrics = forward(batch)
-        optimizer.zero_grad(set_to_none=True)  # unused parameters keep grad None: AdamW skips them
-        loss.backward()
-        loss_value = _mean_over_ranks(loss, world)
-        if not math.isfinite(loss_value):
-            where = f"{run}/{checkpoint_dir_name(ckpt_step)}" if ckpt_step is not None else None
-            raise NonFiniteLossError(step + 1, loss_value, where, ckpt_step)
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        images = task.batch_size_of(batch) * world
-        window_images += images
-        images_total += images
-        window_losses.append(loss_value)
-        for key, value in metrics.items():
-            window_metrics.setdefault(key, []).append(float(value))
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == steps:
-            elapsed = time.perf_counter() - window_start
-            record = {
-                "step": step, "loss": float(np.mean(window_losses)), "lr": scheduler.get_last_lr()[0],
-                "images_per_s": window_images / max(elapsed, 1e-9),
-                **{k: float(np.mean(v)) for k, v in window_metrics.items()},
-            }
-            history.append(record)
-            if is_main:
-                bar.set_postfix(loss=f"{record['loss']:.4f}", ips=f"{record['images_per_s']:.1f}")
-                log.info("step %d/%d loss %.4f lr %.2e %.1f images/s", step, steps, record["loss"],
-                         record["lr"], record["images_per_s"])
-            window_images, window_start, window_losses, window_metrics = 0, time.perf_counter(), [], {}
-        if step % cfg.checkpoint_every == 0 or step == steps:
-            report(final=step == steps)
+    try:
+        while step < steps:
+            batch = move_to(next(stream), device)
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+            with autocast:
+                loss, metrics = forward(batch)
+            optimizer.zero_grad(set_to_none=True)  # unused parameters keep grad None: AdamW skips them
+            loss.backward()
+            loss_value = _mean_over_ranks(loss, world)
+            if not math.isfinite(loss_value):
+                where = f"{run}/{checkpoint_dir_name(ckpt_step)}" if ckpt_step is not None else None
+                raise NonFiniteLossError(step + 1, loss_value, where, ckpt_step)
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            images = task.batch_size_of(batch) * world
+            window_images += images
+            images_total += images
+            window_losses.append(loss_value)
+            for key, value in metrics.items():
+                window_metrics.setdefault(key, []).append(float(value))
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == steps:
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "step": step, "loss": float(np.mean(window_losses)), "lr": scheduler.get_last_lr()[0],
+                    "images_per_s": window_images / max(elapsed, 1e-9),
+                    **{k: float(np.mean(v)) for k, v in window_metrics.items()},
+                }
+                history.append(record)
+                if is_main:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", ips=f"{record['images_per_s']:.1f}")
+                    log.info("step %d/%d loss %.4f lr %.2e %.1f images/s", step, steps, record["loss"],
+                             record["lr"], record["images_per_s"])
+                    events.log(record)
+                    if progress is not None:
+                        progress(step, steps, record)
+                window_images, window_start, window_losses, window_metrics = 0, time.perf_counter(), [], {}
+            if step % cfg.checkpoint_every == 0 or step == steps:
+                report(final=step == steps)
+    finally:
+        if events is not None:
+            events.close()
     bar.close()
     seconds = time.perf_counter() - start
     return {
