@@ -1,6 +1,6 @@
 """Joining a Ray cluster (`connect_ray` with an address): a failure names the address and the
-likely cause (token authentication, address/port, cluster down, version mismatch) and comes
-within about `runtime.connect_timeout_s`; against a real token-auth head started here, a client
+likely cause (token authentication, address/port, cluster down, version mismatch, an HTTP
+server at the port) and comes within about `runtime.connect_timeout_s`; against a real token-auth head started here, a client
 without the token gets the token hint and one with `RAY_AUTH_MODE=token` + the token joins."""
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -53,13 +56,59 @@ def test_nothing_listening_fails_fast_naming_the_address() -> None:
     assert isinstance(err.value, ConnectionError) and not ray.is_initialized()
 
 
+SETTINGS = bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # an empty HTTP/2 SETTINGS frame, as gRPC servers send first
+
+
+@contextmanager
+def server(reply: bytes) -> Iterator[str]:
+    """A TCP server on 127.0.0.1 that answers every connection with `reply`; its address."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    sock.settimeout(0.2)
+    stop_event = threading.Event()
+
+    def serve() -> None:
+        while not stop_event.is_set():
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(1)
+                try:
+                    conn.recv(1024)
+                    conn.sendall(reply)
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        stop_event.set()
+        thread.join()
+        sock.close()
+
+
 @pytest.fixture
-def listening() -> str:
-    """An address where something accepts TCP connections (ray.init itself is faked)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        yield f"127.0.0.1:{s.getsockname()[1]}"
+def listening() -> Iterator[str]:
+    """An address where a gRPC-like server answers (ray.init itself is faked)."""
+    with server(SETTINGS) as address:
+        yield address
+
+
+def test_http_server_at_the_address_fails_fast(monkeypatch) -> None:
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda **kw: pytest.fail("ray.init must not be reached"))
+    for reply in (b"HTTP/1.1 400 Bad Request\r\n\r\n", b"<!DOCTYPE HTML>\n<html>"):
+        with server(reply) as address:
+            t0 = time.monotonic()
+            with pytest.raises(RayConnectionError, match="no gRPC server") as err:
+                connect_ray(RuntimeConfig(ray_address=address))
+            assert time.monotonic() - t0 < 3 and address in str(err.value) and "6379" in str(err.value)
 
 
 def fail_with(monkeypatch, exc: BaseException, seen: dict) -> None:
@@ -115,6 +164,15 @@ def test_version_mismatch_and_unknown_failures(monkeypatch, listening) -> None:
     assert "Likely cause" not in msg
     assert all(k in msg for k in ("token authentication", "the address", "ray status", "versions"))
     assert seen["wait"] == "7"
+
+
+def test_gcs_timeout_names_a_wrong_port(monkeypatch, listening) -> None:
+    exc = chained(ConnectionError("Failed to connect to Ray cluster"),
+                  RuntimeError("Failed to connect to GCS. Last connection error: ray.exceptions.RpcError: "
+                               "Timed out while waiting for GCS to become available."))
+    fail_with(monkeypatch, exc, {})
+    with pytest.raises(RayConnectionError, match="Likely cause: no Ray GCS answered"):
+        connect_ray(RuntimeConfig(ray_address=listening))
 
 
 def test_other_errors_pass_through(monkeypatch, listening) -> None:

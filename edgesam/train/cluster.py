@@ -58,7 +58,7 @@ def join_ray(address: str, timeout_s: float = 20.0) -> None:
     target = host_port(address)
     if target is not None:
         try:
-            socket.create_connection(target, timeout=timeout_s).close()
+            reply = _probe(target, timeout_s)
         except OSError as exc:
             raise RayConnectionError(
                 f"Could not join the Ray cluster at {address}: nothing accepts connections at "
@@ -67,11 +67,39 @@ def join_ray(address: str, timeout_s: float = 20.0) -> None:
                 "port, `ray start --head --port`, default 6379; `ray://host:10001` for Ray Client; "
                 "not the dashboard's 8265), or a firewall between here and the head."
             ) from exc
+        if reply and not _is_http2_settings(reply):  # Ray would wait ~40 s per retry there
+            raise RayConnectionError(
+                f"Could not join the Ray cluster at {address}: the server at {target[0]}:{target[1]} "
+                f"is no gRPC server (it answered {reply[:24]!r}), so not Ray's GCS: a wrong port, "
+                "e.g. the dashboard / Jobs API (8265; `ray job submit` takes "
+                "that one). Give the head's GCS port (`ray start --head --port`, default 6379) or "
+                "ray://host:10001 for Ray Client."
+            )
     try:
         with _env_default(RAY_GCS_WAIT_ENV, str(max(1, math.ceil(timeout_s)))):
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
     except (ConnectionError, RuntimeError, TimeoutError, ray.exceptions.RayError) as exc:
         raise RayConnectionError(explain_connection_failure(address, exc)) from exc
+
+
+def _probe(target: tuple[str, int], timeout_s: float) -> bytes:
+    """Connect to `target` (OSError when nothing accepts) and send the HTTP/2 preface that
+    every gRPC server (Ray's GCS, Ray Client) answers with a SETTINGS frame; the first bytes
+    of the reply, empty when none comes within a second or two."""
+    with socket.create_connection(target, timeout=timeout_s) as conn:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return b""  # a TLS server expects a handshake first; leave it to Ray
+        conn.settimeout(min(timeout_s, 2.0))
+        try:
+            conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+            return conn.recv(64)
+        except OSError:
+            return b""
+
+
+def _is_http2_settings(reply: bytes) -> bool:
+    """Whether `reply` starts with an HTTP/2 frame header of type SETTINGS (a server's first frame)."""
+    return len(reply) >= 9 and reply[3] == 0x04
 
 
 def host_port(address: str) -> tuple[str, int] | None:
@@ -105,6 +133,10 @@ def explain_connection_failure(address: str, exc: BaseException) -> str:
                f"Python {platform.python_version()})")
     if any(m in text for m in AUTH_MARKERS):
         likely, others = auth, [address_hint, running, version]
+    elif "Timed out while waiting for GCS" in text:
+        likely = ("no Ray GCS answered at this address: a wrong port (another service listens "
+                  "there), or a head that is still starting or overloaded")
+        others = [address_hint, running]
     elif "Version mismatch" in text:
         likely, others = "a Ray or Python version mismatch: " + version, []
     else:
