@@ -1,7 +1,8 @@
 """Joining a Ray cluster (`connect_ray` with an address): a failure names the address and the
 likely cause (token authentication, address/port, cluster down, version mismatch, an HTTP
-server at the port) and comes within about `runtime.connect_timeout_s`; against a real token-auth head started here, a client
-without the token gets the token hint and one with `RAY_AUTH_MODE=token` + the token joins."""
+server at the port) and comes within about `runtime.connect_timeout_s`. Against a real
+token-auth head started here, a client without the token (or with a wrong one) gets the token
+hint, and one with `RAY_AUTH_MODE=token` and the token joins."""
 
 from __future__ import annotations
 
