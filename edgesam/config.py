@@ -58,6 +58,9 @@ class RuntimeConfig(_Config):
 
     work_dir: Path = Path("runs")
     ray_address: str | None = None  # None: use RAY_ADDRESS or start a local Ray
+    # Joining `ray_address`: the TCP check and Ray's own connection retries (about one a
+    # second) give up after this long, with an error naming the likely cause.
+    connect_timeout_s: float = Field(20.0, gt=0, json_schema_extra=NOT_IN_KEY)
     num_workers: int = 1  # Ray Train workers (0: in-process, for unit tests only)
     cpus_per_worker: int = 1  # CPU workers: Ray CPUs and torch threads per worker
     object_store_mb: int = 512  # object store of a local Ray (bounds Ray Data's memory)
