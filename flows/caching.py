@@ -18,6 +18,7 @@ from prefect.context import TaskRunContext
 from prefect.states import State
 
 from edgesam.artifacts import ArtifactStore
+from edgesam.train.cluster import RayConnectionError
 
 # errno values of I/O failures that a retry can cure (network filesystems, busy devices).
 TRANSIENT_ERRNOS = frozenset({
@@ -53,7 +54,10 @@ class ManifestCache(CachePolicy):
 
 
 def is_transient_io_error(exc: BaseException) -> bool:
-    """True for I/O errors worth retrying; never for bugs, bad input or missing files."""
+    """True for I/O errors worth retrying; never for bugs, bad input, missing files or a Ray
+    cluster that refused to be joined (a retry cannot fix its address or token)."""
+    if isinstance(exc, RayConnectionError):
+        return False
     if isinstance(exc, (ConnectionError, TimeoutError, BlockingIOError, InterruptedError)):
         return True
     return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS

@@ -284,3 +284,11 @@ def stop(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait(timeout=10)
+
+
+def test_a_refused_join_is_not_retried_as_transient_io():
+    from edgesam.train.cluster import RayConnectionError
+    from flows.caching import is_transient_io_error
+
+    assert is_transient_io_error(ConnectionResetError())
+    assert not is_transient_io_error(RayConnectionError("token missing"))
