@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=None, help="both phases' batch (default: the profile's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/train.json"))
     args = parser.parse_args()
@@ -143,8 +144,10 @@ def main() -> None:
         save_edgesam(build_edgesam(cfg.encoder_kd.backbone, img_size, teacher_ckpt), student_ckpt)
         phase2 = PromptKDTask.from_config(cfg.prompt_kd, data, student_ckpt, teacher, cfg.runtime.seed)
         results = {
-            "encoder_kd": measure(phase1, cfg.encoder_kd.train.batch_size, args.steps, args.warmup, device),
-            "prompt_kd": measure(phase2, cfg.prompt_kd.train.batch_size, args.steps, args.warmup, device),
+            "encoder_kd": measure(phase1, args.batch_size or cfg.encoder_kd.train.batch_size, args.steps, args.warmup,
+                                  device),
+            "prompt_kd": measure(phase2, args.batch_size or cfg.prompt_kd.train.batch_size, args.steps, args.warmup,
+                                 device),
         }
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
