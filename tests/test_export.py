@@ -6,14 +6,13 @@ from edgesam.data.transforms import preprocess
 from edgesam.export import (
     ParityError,
     check_parity,
-    export_compact_decoder,
     export_coreml,
-    export_encoder,
-    export_sam_decoder,
+    export_onnx,
     fused_copy,
     ort_latency_ms,
     session,
 )
+from edgesam.models.rpn import build_rpn
 
 ATOL, RTOL = 1e-3, 1e-3  # the export stage's default tolerance
 
@@ -21,13 +20,9 @@ ATOL, RTOL = 1e-3, 1e-3  # the export stage's default tolerance
 @pytest.fixture(scope="module")
 def exported(student_256, tmp_path_factory):
     sam = fused_copy(student_256)
-    out = tmp_path_factory.mktemp("onnx")
-    files = {"encoder": out / "encoder.onnx", "decoder_sam": out / "decoder_sam.onnx",
-             "decoder_edgesam": out / "decoder_edgesam.onnx"}
-    export_encoder(sam, files["encoder"])
-    export_sam_decoder(sam, files["decoder_sam"])
-    export_compact_decoder(sam, files["decoder_edgesam"])
-    return sam, files
+    rpn = build_rpn(sam.image_encoder, channels=32, num_convs=1).eval()
+    files = export_onnx(sam, tmp_path_factory.mktemp("onnx"), rpn=rpn)
+    return sam, files, rpn
 
 
 def test_fused_copy_keeps_the_embedding(student_256, coffee):
@@ -39,20 +34,22 @@ def test_fused_copy_keeps_the_embedding(student_256, coffee):
 
 
 @pytest.mark.parametrize("photo", ["coffee", "astronaut"])  # 2:3 like the export example, and square
-def test_onnx_files_match_pytorch_for_both_decoder_interfaces(exported, photo, request):
-    sam, files = exported
+def test_onnx_files_match_pytorch_for_every_interface(exported, photo, request):
+    sam, files, rpn = exported
     image = request.getfixturevalue(photo)
     x, _ = preprocess(image, 256)
-    report = check_parity(sam, files, x[None], image.shape[:2], atol=ATOL, rtol=RTOL)
+    report = check_parity(sam, files, x[None], image.shape[:2], atol=ATOL, rtol=RTOL, rpn=rpn)
     assert report["passed"]
+    assert set(report["encoder"]) == {"image_embeddings", "features_s8", "features_s16", "features_s32"}
     assert report["encoder"]["image_embeddings"]["max_abs_diff"] < 1e-3
     assert len(report["decoder_sam"]) == 6 and len(report["decoder_edgesam"]) == 4
-    for part in ("decoder_sam", "decoder_edgesam"):
+    assert len(report["decoder"]) == 4 and set(report["rpn"]) == {"rpn_scores", "rpn_boxes"}
+    for part in ("decoder", "decoder_sam", "decoder_edgesam", "rpn"):
         assert all(v["within_tolerance"] for v in report[part].values())
 
 
 def test_exported_interfaces_shapes(exported):
-    _, files = exported
+    _, files, _ = exported
     # the SAM interface upsamples to the original image size; the compact one returns 4 low-res masks
     masks = session(files["decoder_sam"]).run(["masks"], {
         "image_embeddings": np.zeros((1, 256, 16, 16), np.float32),
@@ -65,10 +62,16 @@ def test_exported_interfaces_shapes(exported):
         "image_embeddings": np.zeros((1, 256, 16, 16), np.float32),
         "point_coords": np.zeros((1, 7, 2), np.float32), "point_labels": np.ones((1, 7), np.float32)})
     assert scores.shape == (1, 4) and low.shape == (1, 4, 64, 64)
+    scores, low = session(files["decoder"]).run(None, {  # 16 boxes in one call
+        "image_embeddings": np.zeros((1, 256, 16, 16), np.float32),
+        "point_coords": np.tile(np.array([[[10.0, 20.0], [90.0, 80.0]]], np.float32), (16, 1, 1)),
+        "point_labels": np.tile(np.array([[2.0, 3.0]], np.float32), (16, 1)),
+        "mask_input": np.zeros((16, 1, 64, 64), np.float32), "has_mask_input": np.zeros(16, np.float32)})
+    assert scores.shape == (16, 4) and low.shape == (16, 4, 64, 64)
 
 
 def test_parity_failure_is_loud(exported, coffee):
-    sam, files = exported
+    sam, files, _ = exported
     x, _ = preprocess(coffee, 256)
     with torch.no_grad():
         sam.mask_decoder.iou_prediction_head.layers[-1].bias += 1.0  # PyTorch now differs from the files
@@ -81,7 +84,7 @@ def test_parity_failure_is_loud(exported, coffee):
 
 
 def test_ort_latency_and_coreml_skip(exported):
-    _, files = exported
+    _, files, _ = exported
     ms = ort_latency_ms(files["encoder"], {"image": np.zeros((1, 3, 256, 256), np.float32)}, repeats=2)
     assert ms > 0
     result = export_coreml(exported[0], files["encoder"].with_name("encoder.mlpackage"))
