@@ -1,7 +1,9 @@
-"""`EdgeSAMPredictor`: segment-anything's `SamPredictor`, plus EdgeSAM's granularity prior."""
+"""`EdgeSAMPredictor`: segment-anything's `SamPredictor`, plus EdgeSAM's granularity prior,
+checked inputs (`edgesam.inputs`), N prompts per call and loading from an exported bundle."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -9,7 +11,11 @@ import torch
 from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 
+from edgesam.bundle import Bundle, BundleError
+from edgesam.inputs import as_rgb, check_prompt
 from edgesam.models.rpn import RPN, knn_merge, proposals
+
+RPN_SETTINGS = ("k", "score_threshold", "max_proposals")
 
 
 class EdgeSAMPredictor(SamPredictor):
@@ -21,6 +27,10 @@ class EdgeSAMPredictor(SamPredictor):
         super().__init__(sam)
         self.rpn, self.k, self.score_threshold, self.max_proposals = rpn, k, score_threshold, max_proposals
         self.proposals: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def set_image(self, image: Any, image_format: str = "RGB") -> None:
+        """`SamPredictor.set_image` after `edgesam.inputs.as_rgb` (greyscale, RGBA, PIL, BGR)."""
+        super().set_image(as_rgb(image, image_format))
 
     @torch.no_grad()
     def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]) -> None:
@@ -36,6 +46,41 @@ class EdgeSAMPredictor(SamPredictor):
                                    self.max_proposals)[0]
         self.is_image_set = True
 
+    def predict(self, point_coords: np.ndarray | None = None, point_labels: np.ndarray | None = None,
+                box: np.ndarray | None = None, mask_input: np.ndarray | None = None, multimask_output: bool = True,
+                return_logits: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`SamPredictor.predict` after `edgesam.inputs.check_prompt` (boxes clipped to the image)."""
+        self._require_image()
+        points, labels, boxes = check_prompt(point_coords, point_labels, box, mask_input, self.original_size)
+        return super().predict(points, labels, None if boxes is None else boxes[0], mask_input, multimask_output,
+                               return_logits)
+
+    @torch.no_grad()
+    def predict_batch(self, point_coords: np.ndarray | None = None, point_labels: np.ndarray | None = None,
+                      boxes: np.ndarray | None = None, mask_input: np.ndarray | None = None,
+                      multimask_output: bool = True, return_logits: bool = False
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """N objects in one decoder pass: point sets (N, P, 2) with labels (N, P) and / or boxes (N, 4)
+        in pixels -> masks (N, C, H, W), scores (N, C), low-res logits (N, C, 256, 256)."""
+        self._require_image()
+        points, labels, boxes = check_prompt(point_coords, point_labels, boxes, mask_input, self.original_size,
+                                             batched=True)
+
+        def tensor(values: np.ndarray | None, dtype: torch.dtype) -> torch.Tensor | None:
+            return None if values is None else torch.as_tensor(values, dtype=dtype, device=self.device)
+
+        if points is not None:
+            points = self.transform.apply_coords(points, self.original_size)
+        if boxes is not None:
+            boxes = self.transform.apply_boxes(boxes, self.original_size)
+        outputs = self.predict_torch(tensor(points, torch.float), tensor(labels, torch.int), tensor(boxes, torch.float),
+                                     tensor(mask_input, torch.float), multimask_output, return_logits)
+        return tuple(t.cpu().numpy() for t in outputs)  # type: ignore[return-value]
+
+    def _require_image(self) -> None:
+        if not self.is_image_set:
+            raise RuntimeError("an image must be set with set_image(...) before predicting")
+
     def prior_box(self, point: np.ndarray) -> np.ndarray | None:
         """The granularity-prior box (xyxy, original frame) for a click (x, y), or None without proposals."""
         if self.proposals is None:
@@ -50,5 +95,19 @@ class EdgeSAMPredictor(SamPredictor):
     @classmethod
     def with_rpn_settings(cls, sam: Sam, rpn: RPN, settings: dict[str, Any]) -> EdgeSAMPredictor:
         """A predictor with the prior settings an RPN checkpoint was saved with (k, thresholds)."""
-        keys = ("k", "score_threshold", "max_proposals")
-        return cls(sam, rpn, **{k: settings[k] for k in keys if k in settings})
+        return cls(sam, rpn, **{k: settings[k] for k in RPN_SETTINGS if k in settings})
+
+    @classmethod
+    def from_bundle(cls, bundle: str | Path, rpn: bool = False, device: str = "cpu") -> EdgeSAMPredictor:
+        """The PyTorch predictor of an exported bundle (`edgesam.pt`, and `rpn.pt` with `rpn`),
+        each file checked against config.json."""
+        from edgesam.models.edgesam import load_edgesam
+        from edgesam.models.rpn import load_rpn
+
+        opened = Bundle.open(bundle)
+        sam = load_edgesam(opened.path("checkpoint")).to(device)
+        if not rpn:
+            return cls(sam)
+        if "rpn" not in opened.config:
+            raise BundleError(f"bundle {opened.root} has no RPN settings in its config.json")
+        return cls.with_rpn_settings(sam, load_rpn(opened.path("rpn_checkpoint")).to(device), opened.config["rpn"])

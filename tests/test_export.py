@@ -99,6 +99,7 @@ def test_export_stage_writes_a_checked_bundle(tmp_path):
     from stage_chain import LOCAL, upstream_chain
 
     from edgesam.artifacts import Artifact
+    from edgesam.bundle import Bundle
     from edgesam.config import EvaluateConfig, ExportConfig
     from edgesam.models.edgesam import load_edgesam
     from edgesam.models.rpn import load_rpn
@@ -112,9 +113,11 @@ def test_export_stage_writes_a_checked_bundle(tmp_path):
                                            {k: inputs[k] for k in evaluate.UPSTREAM}, inputs["evaluate"].path))
     out = tmp_path / "export"
     out.mkdir()
-    manifest = export.run(ExportConfig(latency_repeats=1), LOCAL, {k: inputs[k] for k in export.UPSTREAM}, out)
+    cfg = ExportConfig(latency_repeats=1, calibration_images=2, check_images=1, check_annotations=2)
+    manifest = export.run(cfg, LOCAL, {k: inputs[k] for k in export.UPSTREAM}, out)
     for name in manifest["files"]:
         assert (out / name).is_file(), name
+    assert sorted(p.name for p in out.iterdir()) == sorted(manifest["files"])  # no candidate or temporary left
     assert manifest["parity"]["passed"] and manifest["parity"]["fusion_max_abs_diff"] < 1e-3
     assert set(manifest["latency_ms"]) == {"onnxruntime", "pytorch"}
     assert manifest["coreml"]["status"] == "skipped"
@@ -122,7 +125,18 @@ def test_export_stage_writes_a_checked_bundle(tmp_path):
     load_rpn(out / manifest["rpn"])
     config = json.loads((out / "config.json").read_text())
     assert config["img_size"] == 128 and config["rpn"]["k"] == 3
+    bundle = Bundle.open(out)
+    assert set(bundle.roles) == {"encoder", "encoder_int8", "encoder_fp16", "decoder", "decoder_fp16", "decoder_sam",
+                                 "decoder_edgesam", "rpn_onnx", "checkpoint", "rpn_checkpoint"}
+    assert all(bundle.path(role) for role in bundle.roles)  # every digest matches
+    variants = config["accuracy"]["variants"]
+    assert {"pytorch", "fp32", "int8 per_tensor", "int8 per_channel", "fp16 encoder", "fp16 decoder"} <= set(variants)
+    assert abs(variants["fp32"]["box"] - variants["pytorch"]["box"]) < 1e-3  # fp32 ONNX = PyTorch on the same prompts
+    assert config["files"]["encoder_int8"]["accuracy"]["variant"] == f"int8 {variants['int8_weights']}"
+    assert set(config["files"]["decoder"]["latency_ms"]) == {"1_box", "16_boxes"}
     card = (out / "MODEL_CARD.md").read_text()
+    for role in bundle.roles:
+        assert f"`{config['files'][role]['file']}`" in card
     prior = inputs["evaluate"].manifest["granularity_prior"]
     assert f"{prior['point_miou_off']:.3f} without the RPN" in card
     assert f"AR@100 {prior['proposals']['ar100']:.3f}" in card

@@ -20,7 +20,7 @@ Masks are binarized at the image's own resolution (low-res logits upsampled with
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -109,7 +109,10 @@ class Encoded:
 
 @dataclass
 class Segmenter:
-    """A SAM-family model under evaluation, optionally with the RPN granularity prior."""
+    """A SAM-family model under evaluation, optionally with the RPN granularity prior.
+
+    `decoder` has `decode`'s signature; `edgesam.eval.onnx_backend` swaps in exported files.
+    """
 
     name: str
     sam: Sam
@@ -117,6 +120,7 @@ class Segmenter:
     k: int = 3
     score_threshold: float = 0.05
     max_proposals: int = 100
+    decoder: Callable[..., tuple[torch.Tensor, torch.Tensor]] = decode
 
     @property
     def img_size(self) -> int:
@@ -148,16 +152,16 @@ class Segmenter:
 
         masks: dict[str, torch.Tensor] = {}
         boxes = torch.as_tensor(scale_boxes(item.boxes, original, self.img_size), dtype=torch.float32, device=device)
-        low, _ = decode(sam, embedding, boxes=boxes, num_outputs=1)
+        low, _ = self.decoder(sam, embedding, boxes=boxes, num_outputs=1)
         masks["box"] = upsample(low)[:, 0]
 
         points = torch.as_tensor(scale_coords(clicks, original, self.img_size), dtype=torch.float32, device=device)[:, None]
         labels = torch.ones(points.shape[:2], dtype=torch.int64, device=device)
         prior = knn_merge(points[:, 0], *encoded.proposals, self.k) if encoded.proposals is not None else None
         if prior is not None:
-            low, _ = decode(sam, embedding, points, labels, boxes=prior, num_outputs=1)
+            low, _ = self.decoder(sam, embedding, points, labels, boxes=prior, num_outputs=1)
         else:
-            low, scores = decode(sam, embedding, points, labels, num_outputs=protocol.point_outputs)
+            low, scores = self.decoder(sam, embedding, points, labels, num_outputs=protocol.point_outputs)
             if protocol.multimask_select == "score":  # no need to upsample the others
                 keep = scores.argmax(dim=1)
             else:
@@ -171,7 +175,7 @@ class Segmenter:
             xy = torch.as_tensor(scale_coords(extra[:, :2], original, self.img_size), dtype=torch.float32, device=device)
             points = torch.cat([points, xy[:, None]], dim=1)
             labels = torch.cat([labels, torch.as_tensor(extra[:, 2:], dtype=torch.int64, device=device)], dim=1)
-            low, _ = decode(sam, embedding, points, labels, boxes=prior, mask_input=low, num_outputs=1)
+            low, _ = self.decoder(sam, embedding, points, labels, boxes=prior, mask_input=low, num_outputs=1)
             binary = upsample(low)[:, 0]
             masks[f"point+{r}"] = binary
         return masks
