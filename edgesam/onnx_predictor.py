@@ -147,7 +147,15 @@ class OnnxPredictor:
         points = scale_coords(points, self.original_size, self.img_size) if points is not None else None
         boxes = (scale_coords(boxes.reshape(-1, 2, 2), self.original_size, self.img_size).reshape(-1, 4)
                  if boxes is not None else None)
-        if points is None and boxes is None:  # mask input only: one padding point per prompt
+        return self.predict_input_frame(points, labels, boxes, mask_input, multimask, return_logits)
+
+    def predict_input_frame(self, points: np.ndarray | None, labels: np.ndarray | None, boxes: np.ndarray | None,
+                            mask_input: np.ndarray | None = None, multimask_output: bool = True,
+                            return_logits: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`predict_batch` on prompts already in the resized input frame and unchecked (what
+        `SamPredictor.predict_torch` takes). Mask input alone gets SAM's ONNX padding point."""
+        self._require_image()
+        if points is None and boxes is None:
             points, labels = np.zeros((len(mask_input), 0, 2)), np.zeros((len(mask_input), 0))
         coords, token_labels = prompt_arrays(points, labels, boxes)
         n, (h, w) = len(coords), self.features.shape[-2:]
@@ -157,7 +165,7 @@ class OnnxPredictor:
             feeds["mask_input"] = np.asarray(mask_input, np.float32).reshape(n, 1, 4 * h, 4 * w)
             feeds["has_mask_input"] = np.ones(n, np.float32)
         scores, low = self.decoder.run(None, feeds)
-        keep = MULTIMASK if multimask else SINGLE
+        keep = MULTIMASK if multimask_output else SINGLE
         low, scores = low[:, keep], scores[:, keep]
         logits = upsample_logits(low, self.img_size, self.input_size, self.original_size)
         return (logits if return_logits else logits > self.mask_threshold), scores, low

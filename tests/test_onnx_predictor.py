@@ -171,9 +171,12 @@ def broken_bundle(bundle_256, tmp_path):
     return copy
 
 
-def test_bundle_problems_name_the_file(broken_bundle, bundle_256):
+def test_bundle_problems_name_the_file(broken_bundle):
+    config = json.loads((broken_bundle / "config.json").read_text())
+    del config["files"]["encoder_int8"]
+    (broken_bundle / "config.json").write_text(json.dumps(config))
     with pytest.raises(BundleError, match="no 'encoder_int8' file"):
-        OnnxPredictor(bundle_256, encoder_precision="int8")
+        OnnxPredictor(broken_bundle, encoder_precision="int8")
     (broken_bundle / "decoder.onnx").unlink()
     with pytest.raises(BundleError, match=r"bundle file missing: .*decoder.onnx"):
         OnnxPredictor(broken_bundle)
@@ -189,3 +192,12 @@ def test_torch_predictor_checks_the_bundle_too(broken_bundle):
     (broken_bundle / "edgesam.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(BundleError, match=r"edgesam.pt does not match"):
         EdgeSAMPredictor.from_bundle(broken_bundle)
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+def test_reduced_precision_files_run_in_the_predictor(bundle_256, coffee, precision):
+    predictor = OnnxPredictor(bundle_256, encoder_precision=precision, decoder_precision="fp16" if precision == "fp16"
+                              else "fp32")
+    predictor.set_image(coffee)
+    masks, scores, low = predictor.predict(**PROMPTS["box"])
+    assert masks.shape == (3, 400, 600) and np.isfinite(low).all() and low.dtype == np.float32
