@@ -163,6 +163,19 @@ def _entries(fused: Sam, files: dict[str, Path], miou: dict[str, Any], repeats: 
             for role, path in files.items()}
 
 
+def bundle_config(sam: Sam, entries: dict[str, Any], rpn_settings: dict[str, Any], opset: int) -> dict[str, Any]:
+    """config.json of a bundle: what a client needs besides the files (`edgesam.bundle` reads it)."""
+    return {
+        "format": FORMAT, "version": VERSION, "model": edgesam_config(sam), "img_size": sam.image_encoder.img_size,
+        "embedding_size": list(sam.prompt_encoder.image_embedding_size), "pixel_mean": list(PIXEL_MEAN),
+        "pixel_std": list(PIXEL_STD), "mask_threshold": sam.mask_threshold, "opset": opset,
+        "rpn": {**rpn_settings, "pre_nms_top": PRE_NMS_TOP, "nms_iou": NMS_IOU},
+        "inputs": {"decoder": list(DECODER_INPUTS), "decoder_sam": list(SAM_DECODER_INPUTS),
+                   "decoder_edgesam": list(COMPACT_INPUTS)},
+        "files": entries,
+    }
+
+
 def build_bundle(cfg: ExportConfig, sam: Sam, checkpoint: Path, rpn: RPN, rpn_checkpoint: Path,
                  rpn_settings: dict[str, Any], calibration_images: Iterable[np.ndarray],
                  check_items: Iterable[EvalItem], out: Path) -> dict[str, Any]:
@@ -173,7 +186,7 @@ def build_bundle(cfg: ExportConfig, sam: Sam, checkpoint: Path, rpn: RPN, rpn_ch
     fused, files, parity = _export_checked(cfg, sam, rpn, out)
     img_size = fused.image_encoder.img_size
     calibration = encoder_inputs(islice(calibration_images, cfg.calibration_images), img_size)
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # int8 candidates: only the chosen one reaches `out`
         extra, miou = _precision_checks(fused, cfg, files, calibration, check_items, Path(tmp))
         for role, path in extra.items():
             files[role] = out / f"{role}.onnx"
@@ -184,17 +197,9 @@ def build_bundle(cfg: ExportConfig, sam: Sam, checkpoint: Path, rpn: RPN, rpn_ch
     entries = _entries(fused, files, miou, cfg.latency_repeats)
     entries["checkpoint"] = file_entry(out / CHECKPOINT, loader="edgesam.models.edgesam.load_edgesam")
     entries["rpn_checkpoint"] = file_entry(out / RPN_CHECKPOINT, loader="edgesam.models.rpn.load_rpn")
-    config = {
-        "format": FORMAT, "version": VERSION, "model": edgesam_config(sam), "img_size": img_size,
-        "embedding_size": list(fused.prompt_encoder.image_embedding_size), "pixel_mean": list(PIXEL_MEAN),
-        "pixel_std": list(PIXEL_STD), "mask_threshold": sam.mask_threshold, "opset": cfg.opset,
-        "rpn": {**rpn_settings, "pre_nms_top": PRE_NMS_TOP, "nms_iou": NMS_IOU},
-        "inputs": {"decoder": list(DECODER_INPUTS), "decoder_sam": list(SAM_DECODER_INPUTS),
-                   "decoder_edgesam": list(COMPACT_INPUTS)},
-        "accuracy": {"protocol": asdict(EvalProtocol()), "split": "val", "calibration_images": len(calibration),
-                     "calibration_split": cfg.calibration_split, "variants": miou},
-        "files": entries,
-    }
+    config = bundle_config(sam, entries, rpn_settings, cfg.opset)
+    config["accuracy"] = {"protocol": asdict(EvalProtocol()), "split": "val", "calibration_images": len(calibration),
+                          "calibration_split": cfg.calibration_split, "variants": miou}
     write_json_atomic(out / CONFIG, config)
     eager = model_speed(fused, cfg.latency_repeats)
     latency = {"onnxruntime": {"encoder_ms": entries["encoder"]["latency_ms"]["image"],

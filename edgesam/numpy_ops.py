@@ -10,6 +10,7 @@ order `Sam.prompt_encoder` builds (points, then box corners; one padding point w
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -72,9 +73,21 @@ def bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
     return matrix
 
 
+@lru_cache(maxsize=8)
+def _resize_matrices(img_size: int, low_hw: tuple[int, int], input_hw: tuple[int, int],
+                     original_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column matrices of `upsample_logits`, float32; cached: one pair per image size."""
+    rows = bilinear_matrix(original_hw[0], input_hw[0]) @ bilinear_matrix(img_size, low_hw[0])[:input_hw[0]]
+    cols = bilinear_matrix(original_hw[1], input_hw[1]) @ bilinear_matrix(img_size, low_hw[1])[:input_hw[1]]
+    return rows.astype(np.float32), np.ascontiguousarray(cols.T, np.float32)
+
+
 def upsample_logits(low_res: np.ndarray, img_size: int, input_hw: tuple[int, int],
                     original_hw: tuple[int, int]) -> np.ndarray:
     """(..., h4, w4) low-res logits -> (..., H, W) on the original image (`Sam.postprocess_masks`)."""
-    rows = bilinear_matrix(original_hw[0], input_hw[0]) @ bilinear_matrix(img_size, low_res.shape[-2])[:input_hw[0]]
-    cols = bilinear_matrix(original_hw[1], input_hw[1]) @ bilinear_matrix(img_size, low_res.shape[-1])[:input_hw[1]]
-    return rows.astype(np.float32) @ low_res.astype(np.float32) @ cols.T.astype(np.float32)
+    rows, cols = _resize_matrices(img_size, tuple(low_res.shape[-2:]), tuple(input_hw), tuple(original_hw))
+    flat = low_res.astype(np.float32).reshape(-1, *low_res.shape[-2:])
+    out = np.empty((len(flat), rows.shape[0], cols.shape[1]), np.float32)
+    for i, logits in enumerate(flat):  # 2-D products: numpy's broadcasting matmul does not reach BLAS
+        np.matmul(rows, logits @ cols, out=out[i])
+    return out.reshape(*low_res.shape[:-2], *out.shape[1:])
