@@ -29,9 +29,9 @@ from edgesam.eval.datasets import EvalItem
 from edgesam.eval.engine import EvalProtocol, Segmenter
 from edgesam.eval.miou import evaluate
 from edgesam.eval.onnx_backend import onnx_segmenter
-from edgesam.eval.speed import latency_ms, model_speed
+from edgesam.eval.speed import model_speed
 from edgesam.export import (COMPACT_INPUTS, DECODER_INPUTS, SAM_DECODER_INPUTS, check_parity, export_onnx,
-                            fused_copy, session)
+                            fused_copy, ort_latency_ms, session)
 from edgesam.metrics import summarize
 from edgesam.models.edgesam import edgesam_config
 from edgesam.models.rpn import RPN
@@ -73,23 +73,21 @@ def _feeds(sam: Sam, boxes: int) -> dict[str, np.ndarray]:
 
 
 def file_latency(sam: Sam, role: str, path: Path, repeats: int) -> dict[str, float]:
-    """Median onnxruntime ms of a bundle file: encoders on one image, decoders on 1 and 16 boxes."""
-    sess = session(path)
-
-    def ms(feeds: dict[str, np.ndarray]) -> float:
-        return latency_ms(lambda: sess.run(None, feeds), repeats)
-
+    """Median onnxruntime ms of a bundle file: encoders on one image, decoders on 1 (and 16) boxes."""
     size = sam.image_encoder.img_size
     if role.startswith("encoder"):
-        return {"image": ms({"image": np.zeros((1, 3, size, size), np.float32)})}
-    if role.startswith("decoder") and role not in ("decoder_sam", "decoder_edgesam"):
-        return {"1_box": ms(_feeds(sam, 1)), "16_boxes": ms(_feeds(sam, 16))}
+        return {"image": ort_latency_ms(path, {"image": np.zeros((1, 3, size, size), np.float32)}, repeats)}
+    inputs = {i.name: i.shape for i in session(path).get_inputs()}
     if role == "rpn_onnx":
-        return {"image": ms({i.name: np.zeros([d for d in i.shape], np.float32) for i in sess.get_inputs()})}
-    feeds = {k: v for k, v in _feeds(sam, 1).items() if k in {i.name for i in sess.get_inputs()}}
+        return {"image": ort_latency_ms(path, {name: np.zeros(shape, np.float32) for name, shape in inputs.items()},
+                                        repeats)}
+    if role in ("decoder", "decoder_fp16"):
+        return {"1_box": ort_latency_ms(path, _feeds(sam, 1), repeats),
+                "16_boxes": ort_latency_ms(path, _feeds(sam, 16), repeats)}
+    feeds = {name: value for name, value in _feeds(sam, 1).items() if name in inputs}
     if role == "decoder_sam":
-        feeds |= {"orig_im_size": np.array([size, size], np.float32), "has_mask_input": np.zeros(1, np.float32)}
-    return {"1_box": ms(feeds)}
+        feeds["orig_im_size"] = np.array([size, size], np.float32)
+    return {"1_box": ort_latency_ms(path, feeds, repeats)}
 
 
 def _int8(fused: Sam, cfg: ExportConfig, calibration: list[np.ndarray], tmp: Path) -> dict[str, Path]:

@@ -32,7 +32,7 @@ from segment_anything.modeling import Sam
 from torch import nn
 
 from edgesam.artifacts import atomic_path
-from edgesam.eval.speed import latency_ms, model_speed
+from edgesam.eval.speed import latency_ms
 from edgesam.models.decoding import decode
 from edgesam.models.rpn import RPN
 from edgesam.onnx_decoder import PromptDecoder
@@ -265,23 +265,6 @@ def ort_latency_ms(path: Path, feeds: dict[str, np.ndarray], repeats: int = 10) 
     """Median onnxruntime CPU latency of one run, after a warm-up run."""
     sess = session(path)
     return latency_ms(lambda: sess.run(None, feeds), repeats)
-
-
-@torch.no_grad()
-def latency(sam: Sam, files: dict[str, Path], repeats: int) -> dict[str, dict[str, float]]:
-    """Median CPU latency (ms) of encoder and compact decoder: onnxruntime and PyTorch eager."""
-    size = sam.image_encoder.img_size
-    image = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
-    grid = sam.prompt_encoder.image_embedding_size
-    feeds = {"image_embeddings": np.zeros((1, 256, *grid), np.float32),
-             "point_coords": np.array([[[size / 2, size / 2], [0, 0]]], np.float32),
-             "point_labels": np.array([[1, -1]], np.float32)}
-    eager = model_speed(sam, repeats)
-    return {
-        "onnxruntime": {"encoder_ms": ort_latency_ms(files["encoder"], {"image": image}, repeats),
-                        "decoder_ms": ort_latency_ms(files["decoder_edgesam"], feeds, repeats)},
-        "pytorch": {"encoder_ms": eager["encoder_ms"], "decoder_ms": eager["decoder_ms"]},
-    }
 
 
 def export_coreml(sam: Sam, path: Path) -> dict[str, Any]:

@@ -48,8 +48,8 @@ def coffee() -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def bundle_256(student_256, astronaut, tmp_path_factory):
-    """An exported bundle (fp32, int8 per-tensor, fp16) of `student_256` with a random RPN that
-    proposes boxes everywhere."""
+    """An exported bundle (fp32, int8 with both weight modes measured, fp16) of `student_256` with
+    a random RPN that proposes boxes everywhere."""
     from edgesam.config import ExportConfig
     from edgesam.deploy import build_bundle
     from edgesam.eval.datasets import EvalItem
@@ -65,7 +65,7 @@ def bundle_256(student_256, astronaut, tmp_path_factory):
     masks = np.zeros((2, 512, 512), bool)
     masks[0, 100:300, 150:350], masks[1, 320:480, 40:200] = True, True
     item = EvalItem("astronaut", astronaut, masks, np.array([[150, 100, 350, 300], [40, 320, 200, 480]], float))
-    cfg = ExportConfig(int8_weights="per_tensor", calibration_images=1, latency_repeats=1)
+    cfg = ExportConfig(calibration_images=1, latency_repeats=1)
     build_bundle(cfg, student_256, out / "student.pt", rpn, out / "rpn_in.pt",
                  {"k": 3, "score_threshold": 0.05, "max_proposals": 100}, [astronaut], [item], out)
     (out / "student.pt").unlink()

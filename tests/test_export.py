@@ -113,7 +113,8 @@ def test_export_stage_writes_a_checked_bundle(tmp_path):
                                            {k: inputs[k] for k in evaluate.UPSTREAM}, inputs["evaluate"].path))
     out = tmp_path / "export"
     out.mkdir()
-    cfg = ExportConfig(latency_repeats=1, calibration_images=2, check_images=1, check_annotations=2)
+    cfg = ExportConfig(latency_repeats=1, calibration_images=2, check_images=1, check_annotations=2,
+                       int8_weights="per_tensor")  # "auto" (both, the better kept): test_int8_weights_auto...
     manifest = export.run(cfg, LOCAL, {k: inputs[k] for k in export.UPSTREAM}, out)
     for name in manifest["files"]:
         assert (out / name).is_file(), name
@@ -130,9 +131,8 @@ def test_export_stage_writes_a_checked_bundle(tmp_path):
                                  "decoder_edgesam", "rpn_onnx", "checkpoint", "rpn_checkpoint"}
     assert all(bundle.path(role) for role in bundle.roles)  # every digest matches
     variants = config["accuracy"]["variants"]
-    assert {"pytorch", "fp32", "int8 per_tensor", "int8 per_channel", "fp16 encoder", "fp16 decoder"} <= set(variants)
+    assert {"pytorch", "fp32", "int8 per_tensor", "fp16 encoder", "fp16 decoder"} <= set(variants)
     assert abs(variants["fp32"]["box"] - variants["pytorch"]["box"]) < 1e-3  # fp32 ONNX = PyTorch on the same prompts
-    assert config["files"]["encoder_int8"]["accuracy"]["variant"] == f"int8 {variants['int8_weights']}"
     assert set(config["files"]["decoder"]["latency_ms"]) == {"1_box", "16_boxes"}
     card = (out / "MODEL_CARD.md").read_text()
     for role in bundle.roles:
@@ -140,3 +140,17 @@ def test_export_stage_writes_a_checked_bundle(tmp_path):
     prior = inputs["evaluate"].manifest["granularity_prior"]
     assert f"{prior['point_miou_off']:.3f} without the RPN" in card
     assert f"AR@100 {prior['proposals']['ar100']:.3f}" in card
+
+
+def test_int8_weights_auto_measures_both_and_keeps_the_better(bundle_256):
+    import json
+
+    config = json.loads((bundle_256 / "config.json").read_text())
+    variants = config["accuracy"]["variants"]
+    modes = ("per_tensor", "per_channel")
+    assert variants["int8_weights"] in modes
+    best = max(modes, key=lambda m: (variants[f"int8 {m}"]["box"], variants[f"int8 {m}"]["point"]))
+    assert variants["int8_weights"] == best
+    accuracy = config["files"]["encoder_int8"]["accuracy"]
+    assert accuracy["variant"] == f"int8 {best}"
+    assert accuracy["box_drop"] == variants["fp32"]["box"] - variants[f"int8 {best}"]["box"]

@@ -28,7 +28,7 @@ DAG = {
     "data": (), "shard": ("data",), "teacher": ("shard",), "embed": ("shard", "teacher"),
     "encoder_kd": ("embed", "teacher"), "prompt_kd": ("embed", "teacher", "encoder_kd"),
     "rpn": ("data", "prompt_kd"), "evaluate": ("data", "shard", "teacher", "encoder_kd", "prompt_kd", "rpn"),
-    "export": ("prompt_kd", "rpn", "evaluate"),
+    "export": ("shard", "prompt_kd", "rpn", "evaluate"),
 }
 
 
