@@ -257,14 +257,15 @@ def ratios(rows: dict[str, dict[str, Any]]) -> None:
 
 def table(rows: dict[str, dict[str, Any]]) -> str:
     width = max(50, *(len(name) for name in rows))
-    head = f"{'model':<{width}} {'params M':>9} {'GMACs':>8} {'all GMACs':>9} {'median s':>9} {'runs':>4} {'x ViT-B':>8} {'x ViT-H':>8}"
+    head = (f"{'model':<{width}} {'params M':>9} {'GMACs':>8} {'all GMACs':>9} {'median s':>9} {'min s':>7} {'runs':>4} "
+            f"{'x ViT-B':>8} {'x ViT-H':>8}")
     lines = [head, "-" * len(head)]
     for name, r in rows.items():
         def fmt(key: str, spec: str) -> str:
             return format(r[key], spec) if key in r else "-"
         lines.append(
             f"{name:<{width}} {r['params_m']:>9.2f} {r['gmacs']:>8.2f} {r['all_gmacs']:>9.2f} "
-            f"{fmt('median_s', '9.3f'):>9} {fmt('runs', 'd'):>4} "
+            f"{fmt('median_s', '9.3f'):>9} {fmt('min_s', '7.3f'):>7} {fmt('runs', 'd'):>4} "
             f"{fmt('speedup_vs_vit_b', '8.1f'):>8} {fmt('speedup_vs_vit_h', '8.1f'):>8}"
         )
     return "\n".join(lines)

@@ -3,8 +3,9 @@
 `build_bundle` writes the fp32 ONNX files (parity with PyTorch or the stage fails), the int8
 encoder (per-tensor and per-channel weights both calibrated and measured, the better kept
 unless one is configured), the fp16 encoder and decoder, the RPN head, the checkpoints, and
-measures each ONNX precision through the evaluation engine (`Segmenter.segment`, the same
-prompts as the evaluate stage's SA-1B-format val) and with onnxruntime latency.
+measures each ONNX precision through the evaluation engine (`Segmenter.segment` with its
+default protocol, on the shard artifact's val split, beside the PyTorch model on the same
+prompts) and with onnxruntime latency.
 """
 
 from __future__ import annotations
