@@ -74,8 +74,9 @@ def torch_predictor(checkpoint: Path, rpn: bool, rpn_checkpoint: Path | None, de
         model = load_edgesam(file).to(device)
         if not rpn:
             return EdgeSAMPredictor(model)
+        rpn_model = load_rpn(rpn_file).to(device)  # checks the file is an RPN checkpoint
         settings = read_checkpoint(rpn_file, "RPN").get("meta", {})  # the prior settings it was trained for
-        return EdgeSAMPredictor.with_rpn_settings(model, load_rpn(rpn_file).to(device), settings)
+        return EdgeSAMPredictor.with_rpn_settings(model, rpn_model, settings)
     except CheckpointError as exc:
         raise SystemExit(f"error: {exc}") from exc
 

@@ -122,8 +122,13 @@ def test_everything_writes_coco_rle(bundle_256, photo, coffee, tmp_path):
     (["--point", "900,10"], r"outside the 600x400 image .*coffee.jpg"),
     (["--point", "1,1", "--rpn"], "--rpn needs the RPN checkpoint: .*rpn.pt not found"),
     (["--point", "1,1", "--backend", "onnx"], "not an EdgeSAM bundle: config.json not found"),
+    (["--point", "1,1", "--device", "cuda"], "no CUDA device"),
 ])
 def test_predict_errors_are_clear(checkpoint, photo, tmp_path, argv, message):
+    import torch
+
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
     image = str(tmp_path / "nope.jpg") if message == "image not found" else str(photo)
     with pytest.raises(SystemExit, match=message):
         main(["predict", image, *argv, "--checkpoint", str(checkpoint), "--out", str(tmp_path)])
