@@ -158,33 +158,90 @@ def measure(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return rows
 
 
+def cpu_flags() -> dict[str, bool]:
+    """The x86 features that decide int8 and fp16 speed (Linux /proc/cpuinfo)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n")[0].split())
+    except (OSError, IndexError):
+        flags = set()
+    return {name: name in flags for name in ("avx512_vnni", "avx_vnni", "amx_int8", "avx512_fp16")}
+
+
+def write_bundle(student: Any, out: Path, calibration: list[Any]) -> None:
+    """A bundle of `student` for the ONNX rows: fp32 / int8 / fp16 encoders, client and compact
+    decoders, config.json (no checks: the export stage does those)."""
+    from edgesam.artifacts import write_json_atomic
+    from edgesam.bundle import CONFIG, file_entry
+    from edgesam.deploy import bundle_config, encoder_inputs
+    from edgesam.export import export_compact_decoder, export_encoder, export_prompt_decoder
+    from edgesam.quantize import quantize_encoder, to_fp16
+
+    print("exporting the fused student to ONNX (fp32, int8 calibrated on 4 photos, fp16) ...", flush=True)
+    export_encoder(student, out / "encoder.onnx")
+    export_prompt_decoder(student, out / "decoder.onnx")
+    export_compact_decoder(student, out / "decoder_edgesam.onnx")
+    quantize_encoder(student, out / "encoder_int8.onnx", encoder_inputs(calibration, student.image_encoder.img_size),
+                     per_channel=False)
+    to_fp16(out / "encoder.onnx", out / "encoder_fp16.onnx")
+    entries = {p.stem: file_entry(p) for p in sorted(out.glob("*.onnx"))}
+    write_json_atomic(out / CONFIG, bundle_config(student, entries, {"k": 3, "score_threshold": 0.05,
+                                                                     "max_proposals": 100}, 17))
+
+
 def onnx_rows(student: Any, m_student: Any, m_image: Any, m_emb: Any, m_box: Any, box: Any, image: Any,
               emb: Any, args: argparse.Namespace, add: Callable[..., None]) -> None:
-    """ONNX Runtime (CPU) rows beside the PyTorch eager ones: the fused encoder exported as
-    `encoder.onnx` and the compact decoder (`decoder_edgesam.onnx`) on one box, at the same
-    thread count. Files go to a temporary directory."""
+    """ONNX Runtime (CPU) rows beside the PyTorch eager ones, at the same thread count: the
+    fused encoder in fp32, int8 (static QDQ) and fp16; the compact decoder on one box; the
+    client decoder on 1 and 16 boxes in one call; `OnnxPredictor`'s click-to-mask path on a
+    683 x 1024 photo (encoder once in `set_image`, then one decoder call and the upsampling
+    per click). Files go to a temporary directory."""
     import tempfile
 
     import numpy as np
+    from PIL import Image
+    from skimage import data as photos
 
     from edgesam.eval.speed import params_m
-    from edgesam.export import export_compact_decoder, export_encoder, session
+    from edgesam.export import session
     from edgesam.models.decoding import decode
+    from edgesam.onnx_predictor import OnnxPredictor
 
+    encoder_params = params_m(student.image_encoder)
+    decoder_params = params_m(student.prompt_encoder) + params_m(student.mask_decoder)
+    fp16_note = "" if cpu_flags()["avx512_fp16"] else " (no AVX512-FP16: emulated)"
+    calibration = [photos.astronaut(), photos.coffee(), photos.chelsea(), photos.rocket()]
     with tempfile.TemporaryDirectory() as tmp:
-        print("exporting the fused student to ONNX ...", flush=True)
-        encoder_file, decoder_file = Path(tmp) / "encoder.onnx", Path(tmp) / "decoder_edgesam.onnx"
-        export_encoder(student, encoder_file)
-        export_compact_decoder(student, decoder_file)
-        encoder, decoder = session(encoder_file), session(decoder_file)
+        write_bundle(student, Path(tmp), calibration)
         image_np = image.numpy()
+        for precision, note in (("", ""), ("_int8", ""), ("_fp16", fp16_note)):
+            encoder = session(Path(tmp) / f"encoder{precision}.onnx", args.threads)
+            add(f"student encoder (fused), ONNX Runtime {precision[1:] or 'fp32'}{note}", encoder_params,
+                lambda e=encoder: e.run(None, {"image": image_np}),
+                m_student.image_encoder, lambda: m_student.image_encoder(m_image), args.warmup, args.repeats)
+        compact = session(Path(tmp) / "decoder_edgesam.onnx", args.threads)
         feeds = {"image_embeddings": emb.numpy(), "point_coords": box.reshape(1, 2, 2).numpy(),
                  "point_labels": np.array([[2.0, 3.0]], dtype=np.float32)}
-        add("student encoder (fused), ONNX Runtime", params_m(student.image_encoder),
-            lambda: encoder.run(None, {"image": image_np}),
-            m_student.image_encoder, lambda: m_student.image_encoder(m_image), args.warmup, args.repeats)
-        add("mask decoder, 1 box, ONNX Runtime", params_m(student.prompt_encoder) + params_m(student.mask_decoder),
-            lambda: decoder.run(None, feeds),
+        add("mask decoder, 1 box, ONNX Runtime", decoder_params, lambda: compact.run(None, feeds),
+            m_student, lambda: decode(m_student, m_emb, boxes=m_box, num_outputs=4), args.warmup, args.repeats)
+        client = session(Path(tmp) / "decoder.onnx", args.threads)
+        for n in (1, 16):
+            feeds = {"image_embeddings": emb.numpy(), "point_coords": np.repeat(box.reshape(1, 2, 2).numpy(), n, 0),
+                     "point_labels": np.tile(np.float32([[2, 3]]), (n, 1)),
+                     "mask_input": np.zeros((n, 1, *[4 * g for g in emb.shape[-2:]]), np.float32),
+                     "has_mask_input": np.zeros(n, np.float32)}
+            m_boxes = m_box.repeat(n, 1)
+            add(f"client decoder (decoder.onnx), {n} box{'es' if n > 1 else ''} in one call", decoder_params,
+                lambda f=feeds: client.run(None, f),
+                m_student, lambda b=m_boxes: decode(m_student, m_emb, boxes=b, num_outputs=4), args.warmup, args.repeats)
+        photo = np.asarray(Image.fromarray(photos.coffee()).resize((1024, 683), Image.BILINEAR))
+        clicks = iter(np.random.default_rng(0).uniform([0, 0], [1024, 683], (args.warmup + args.repeats, 2)))
+        for precision in ("fp32", "int8"):
+            predictor = OnnxPredictor(tmp, encoder_precision=precision, threads=args.threads)
+            add(f"OnnxPredictor set_image ({precision} encoder), 683x1024 photo", encoder_params,
+                lambda p=predictor: p.set_image(photo),
+                m_student.image_encoder, lambda: m_student.image_encoder(m_image), args.warmup, args.repeats)
+        add("OnnxPredictor click -> 3 masks at 683x1024 (per click)", decoder_params,
+            lambda: predictor.predict(point_coords=next(clicks)[None], point_labels=np.array([1])),
             m_student, lambda: decode(m_student, m_emb, boxes=m_box, num_outputs=4), args.warmup, args.repeats)
 
 
@@ -199,14 +256,16 @@ def ratios(rows: dict[str, dict[str, Any]]) -> None:
 
 
 def table(rows: dict[str, dict[str, Any]]) -> str:
-    head = f"{'model':<50} {'params M':>9} {'GMACs':>8} {'all GMACs':>9} {'median s':>9} {'runs':>4} {'x ViT-B':>8} {'x ViT-H':>8}"
+    width = max(50, *(len(name) for name in rows))
+    head = (f"{'model':<{width}} {'params M':>9} {'GMACs':>8} {'all GMACs':>9} {'median s':>9} {'min s':>7} {'runs':>4} "
+            f"{'x ViT-B':>8} {'x ViT-H':>8}")
     lines = [head, "-" * len(head)]
     for name, r in rows.items():
         def fmt(key: str, spec: str) -> str:
             return format(r[key], spec) if key in r else "-"
         lines.append(
-            f"{name:<50} {r['params_m']:>9.2f} {r['gmacs']:>8.2f} {r['all_gmacs']:>9.2f} "
-            f"{fmt('median_s', '9.3f'):>9} {fmt('runs', 'd'):>4} "
+            f"{name:<{width}} {r['params_m']:>9.2f} {r['gmacs']:>8.2f} {r['all_gmacs']:>9.2f} "
+            f"{fmt('median_s', '9.3f'):>9} {fmt('min_s', '7.3f'):>7} {fmt('runs', 'd'):>4} "
             f"{fmt('speedup_vs_vit_b', '8.1f'):>8} {fmt('speedup_vs_vit_h', '8.1f'):>8}"
         )
     return "\n".join(lines)
@@ -258,7 +317,7 @@ def main() -> None:
         "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
         "load_average": {"before": load_before, "after": load_after}, "malloc": malloc,
         "mac_convention": "conv2d + conv_transpose2d + linear multiply-accumulates (forward hooks)",
-        "rows": rows, "paper": paper,
+        "cpu_flags": cpu_flags(), "rows": rows, "paper": paper,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.tmp")

@@ -1,7 +1,8 @@
 """The `edgesam` command.
 
-    edgesam predict IMAGE --point X,Y [--label 1] --checkpoint CKPT --out DIR [--rpn RPN_CKPT]
-    edgesam predict IMAGE --box X0,Y0,X1,Y1 --checkpoint CKPT --out DIR
+    edgesam predict IMAGE|FOLDER --point X,Y [--point X,Y --label 1 --label 0] [--box X0,Y0,X1,Y1 ...]
+                    --checkpoint CKPT|BUNDLE --out DIR [--rpn] [--backend torch|onnx] [--device cpu|cuda]
+    edgesam everything IMAGE|FOLDER --checkpoint CKPT|BUNDLE --out DIR [--rpn] [--backend torch|onnx]
     edgesam info CKPT
     edgesam data synth --profile default --out DIR
     edgesam teacher pack TEACHER_ARTIFACT --out data/reference_teacher
@@ -12,13 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
-
-import numpy as np
-
-OVERLAY_COLOR = np.array([30, 144, 255], dtype=np.float32)  # the blue of SAM's notebooks
 
 
 def parse_floats(text: str, count: int, what: str) -> list[float]:
@@ -29,88 +25,6 @@ def parse_floats(text: str, count: int, what: str) -> list[float]:
     if len(values) != count:
         raise argparse.ArgumentTypeError(f"{what} expects {count} comma-separated numbers, got {text!r}")
     return values
-
-
-def load_image(path: Path) -> np.ndarray:
-    """An RGB uint8 array, or a clear error naming the file."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        raise SystemExit(f"error: image not found: {path}")
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as exc:
-        raise SystemExit(f"error: cannot read image {path}: {exc}") from exc
-
-
-def overlay(image: np.ndarray, mask: np.ndarray, points: np.ndarray | None, box: np.ndarray | None) -> np.ndarray:
-    """The image with the mask tinted, the box outlined and the points marked."""
-    from PIL import Image, ImageDraw
-
-    out = image.astype(np.float32)
-    out[mask] = 0.45 * out[mask] + 0.55 * OVERLAY_COLOR
-    canvas = Image.fromarray(out.round().astype(np.uint8))
-    draw = ImageDraw.Draw(canvas)
-    radius = max(3, round(max(image.shape[:2]) / 150))
-    if box is not None:
-        draw.rectangle([float(v) for v in box], outline=(0, 255, 0), width=max(2, radius // 2))
-    for x, y in points if points is not None else []:
-        draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=(255, 50, 50), outline=(255, 255, 255))
-    return np.asarray(canvas)
-
-
-def cmd_predict(args: argparse.Namespace) -> None:
-    import torch
-    from PIL import Image
-
-    from edgesam.models.checkpoint import CheckpointError
-    from edgesam.models.edgesam import load_edgesam
-    from edgesam.models.rpn import load_rpn
-    from edgesam.predictor import EdgeSAMPredictor
-
-    if args.rpn and args.point is None:
-        raise SystemExit("error: --rpn turns a point prompt into a box; it needs --point")
-    image = load_image(args.image)
-    try:
-        model = load_edgesam(args.checkpoint)
-        rpn = load_rpn(args.rpn) if args.rpn else None
-    except CheckpointError as exc:
-        raise SystemExit(f"error: {exc}") from exc
-    if rpn is None:
-        predictor = EdgeSAMPredictor(model)
-    else:  # the merge rule it was saved with
-        meta = torch.load(args.rpn, map_location="cpu", weights_only=True).get("meta", {})
-        predictor = EdgeSAMPredictor(model, rpn, meta.get("merge", "official"))
-    start = time.perf_counter()
-    points = labels = box = None
-    if args.point is not None:
-        points, labels = np.array([args.point]), np.array([args.label])
-    if args.box is not None:
-        box = np.array(args.box)
-    predictor.set_image(image)
-    if rpn is not None:
-        box = predictor.prior_box(points[0])
-        if box is None:
-            raise SystemExit(f"error: the RPN {args.rpn} proposed no box around this click")
-    # A lone point is ambiguous: take the best of SAM's three masks, as SAM recommends.
-    multimask = box is None
-    masks, scores, _ = predictor.predict(
-        point_coords=points, point_labels=labels, box=box, multimask_output=multimask
-    )
-    best = int(np.argmax(scores))
-    mask = masks[best]
-    elapsed = time.perf_counter() - start
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.image.stem
-    mask_path, overlay_path = args.out / f"{stem}_mask.png", args.out / f"{stem}_overlay.png"
-    Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
-    Image.fromarray(overlay(image, mask, points, box)).save(overlay_path)
-    print(
-        f"mask {mask_path} ({int(mask.sum())} px, predicted IoU {scores[best]:.3f}"
-        + (f", RPN box {np.round(box, 1).tolist()}" if args.rpn else "")
-        + f")\noverlay {overlay_path}\n{elapsed:.2f} s on CPU"
-    )
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -159,21 +73,45 @@ def cmd_teacher_pack(args: argparse.Namespace) -> None:
     print(json.dumps({k: meta[k] for k in ("arch", "sha256", "bytes", "benchmark", "val")}, indent=2))
 
 
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", type=Path, help="an image, or a folder of images")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="EdgeSAM checkpoint (save_edgesam), or an exported bundle folder (or its edgesam.pt)")
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                   help="onnx: the bundle's ONNX files with onnxruntime (the bundle folder of --checkpoint)")
+    p.add_argument("--precision", choices=("fp32", "int8", "fp16"), default="fp32", help="onnx backend: encoder file")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--rpn-checkpoint", type=Path, metavar="RPN_CKPT",
+                   help="torch backend: an RPN checkpoint (save_rpn) other than the rpn.pt beside --checkpoint")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from edgesam.cli_segment import cmd_everything, cmd_predict
+
     parser = argparse.ArgumentParser(prog="edgesam", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("predict", help="segment one object of an image and write mask + overlay PNGs")
-    p.add_argument("image", type=Path)
-    prompt = p.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--point", type=lambda s: parse_floats(s, 2, "--point"), metavar="X,Y")
-    prompt.add_argument("--box", type=lambda s: parse_floats(s, 4, "--box"), metavar="X0,Y0,X1,Y1")
-    p.add_argument("--label", type=int, choices=(0, 1), default=1, help="1 foreground, 0 background point")
-    p.add_argument("--checkpoint", type=Path, required=True, help="EdgeSAM checkpoint (save_edgesam)")
-    p.add_argument("--rpn", type=Path, metavar="RPN_CKPT",
-                   help="RPN checkpoint (save_rpn): turn the point into a box with the granularity prior")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p = sub.add_parser("predict", help="segment prompted objects and write mask + overlay PNGs")
+    _model_arguments(p)
+    p.add_argument("--point", action="append", type=lambda s: parse_floats(s, 2, "--point"), metavar="X,Y",
+                   help="a click (repeat for several clicks on one object)")
+    p.add_argument("--label", action="append", type=int, choices=(0, 1),
+                   help="1 foreground, 0 background: one per --point, in order (default: all 1)")
+    p.add_argument("--box", action="append", type=lambda s: parse_floats(s, 4, "--box"), metavar="X0,Y0,X1,Y1",
+                   help="a box (repeat for several objects; one box may go with points)")
+    p.add_argument("--rpn", action="store_true",
+                   help="granularity prior: the RPN turns the point into a box (the bundle's rpn.pt / rpn.onnx)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("everything", help="segment everything (SAM's automatic mask generator): COCO-RLE JSON + overlay")
+    _model_arguments(p)
+    p.add_argument("--rpn", action="store_true", help="prompt the RPN's proposal centres instead of the point grid")
+    p.add_argument("--points-per-side", type=int, default=32)
+    p.add_argument("--points-per-batch", type=int, default=64, help="prompts per decoder call")
+    p.add_argument("--pred-iou-thresh", type=float, default=0.88)
+    p.add_argument("--stability-score-thresh", type=float, default=0.95)
+    p.set_defaults(func=cmd_everything)
 
     p = sub.add_parser("info", help="print an EdgeSAM checkpoint's model summary")
     p.add_argument("checkpoint", type=Path)

@@ -241,6 +241,15 @@ class ExportConfig(_Config):
     parity_atol: float = 1e-3  # onnxruntime vs PyTorch: |diff| <= atol + rtol * |PyTorch value|
     parity_rtol: float = 1e-3
     latency_repeats: int = 10
+    precisions: list[Literal["int8", "fp16"]] = Field(default_factory=lambda: ["int8", "fp16"])  # besides fp32
+    int8_weights: Literal["auto", "per_tensor", "per_channel"] = "auto"  # auto: calibrate both, keep the better
+    calibration_images: int = 32  # int8 calibration images, from the shard artifact's `calibration_split`
+    calibration_split: Literal["train", "val"] = "train"  # train: the images that measure the files stay unseen
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    check_images: int | None = 50  # val images of each file's mIoU check (None: all)
+    check_annotations: int = 32  # objects per image in that check
+    check_protocol: Literal["paper", "sam"] = "paper"  # how that check prompts (`edgesam.eval.engine.PROTOCOLS`)
+    check_refine_iters: int = 3
 
 
 class PipelineConfig(_Config):

@@ -1,16 +1,21 @@
-"""ONNX export of EdgeSAM (fused encoder, two decoder interfaces), onnxruntime parity, CoreML.
+"""ONNX export of EdgeSAM, onnxruntime parity and latency, CoreML.
 
 * ``encoder.onnx``: ``image`` (1, 3, S, S) normalized and padded as `Sam.preprocess` ->
-  ``image_embeddings`` (1, 256, S/16, S/16), from the reparameterized (fused) backbone.
+  ``image_embeddings`` (1, 256, S/16, S/16) from the reparameterized (fused) backbone, then
+  the backbone's maps ``features_s8``, ``features_s16``, ``features_s32`` (the RPN's input).
+* ``decoder.onnx``: the client decoder (`PromptDecoder`): N prompt sets per call, points and
+  box together, mask input; low-res logits of all four mask tokens; only static shapes or
+  the prompt count (no shape computed from a float input).
 * ``decoder_sam.onnx``: segment-anything's `SamOnnxModel` interface (image_embeddings,
   point_coords, point_labels, mask_input, has_mask_input, orig_im_size -> masks,
   iou_predictions, low_res_masks), usable with SAM's ONNX demo code.
 * ``decoder_edgesam.onnx``: EdgeSAM's compact interface (image_embeddings, point_coords,
   point_labels -> scores, masks): all four mask tokens as low-res logits, no mask input.
+* ``rpn.onnx``: the RPN head on the encoder's maps -> per-location scores and boxes.
 
 Point coordinates are in the model's input frame; labels are float: 1 foreground,
 0 background, 2 / 3 box corners, -1 padding (add one (0, 0) padding point when there is no
-box, as `Sam`'s prompt encoder does). The number of points is a dynamic axis.
+box, as `Sam`'s prompt encoder does; `edgesam.numpy_ops.prompt_arrays` builds them).
 """
 
 from __future__ import annotations
@@ -24,63 +29,33 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from segment_anything.modeling import Sam
-from segment_anything.utils.onnx import SamOnnxModel
-import torch.nn.functional as F
 from torch import nn
 
 from edgesam.artifacts import atomic_path
-from edgesam.eval.speed import latency_ms, model_speed
+from edgesam.eval.speed import latency_ms
 from edgesam.models.decoding import decode
+from edgesam.models.rpn import RPN
+from edgesam.onnx_decoder import PromptDecoder
+from edgesam.onnx_modules import CompactDecoder, EncoderGraph, RPNGraph, SamDecoder, pyramid_names
 
 SAM_DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size")
 SAM_DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
 COMPACT_INPUTS = ("image_embeddings", "point_coords", "point_labels")
 COMPACT_OUTPUTS = ("scores", "masks")
+DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input")
+DECODER_OUTPUTS = ("scores", "masks")
+RPN_OUTPUTS = ("rpn_scores", "rpn_boxes")
 POINT_AXES = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}
+PROMPT_AXES = {"point_coords": {0: "num_prompts", 1: "num_points"}, "point_labels": {0: "num_prompts", 1: "num_points"},
+               "mask_input": {0: "num_prompts"}, "has_mask_input": {0: "num_prompts"},
+               "scores": {0: "num_prompts"}, "masks": {0: "num_prompts"}}
+ONNX_FILES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "decoder_sam": "decoder_sam.onnx",
+              "decoder_edgesam": "decoder_edgesam.onnx"}
+RPN_FILE = "rpn.onnx"
 
 
 class ParityError(RuntimeError):
     """An exported model's onnxruntime outputs differ from PyTorch beyond the tolerance."""
-
-
-class SamDecoder(SamOnnxModel):
-    """`SamOnnxModel` whose crop of the padding follows `orig_im_size` in the exported graph.
-
-    segment-anything crops with Python ints, which tracing freezes to the example's aspect
-    ratio; here the crop indices are tensors, so every image size exports correctly.
-    """
-
-    def mask_postprocessing(self, masks: torch.Tensor, orig_im_size: torch.Tensor) -> torch.Tensor:
-        masks = F.interpolate(masks, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
-        prepadded = self.resize_longest_image_size(orig_im_size, self.img_size)
-        rows = torch.arange(prepadded[0], device=masks.device)
-        cols = torch.arange(prepadded[1], device=masks.device)
-        masks = masks.index_select(2, rows).index_select(3, cols)
-        h, w = orig_im_size.to(torch.int64)[0], orig_im_size.to(torch.int64)[1]
-        return F.interpolate(masks, size=(h, w), mode="bilinear", align_corners=False)
-
-
-class CompactDecoder(nn.Module):
-    """EdgeSAM's compact decoder: (image_embeddings, point_coords, point_labels) -> (scores, masks)."""
-
-    def __init__(self, sam: Sam):
-        super().__init__()
-        self.prompts = SamOnnxModel(sam, return_single_mask=False)  # its traceable point embedding
-        self.sam = sam
-
-    def forward(
-        self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        sparse = self.prompts._embed_points(point_coords, point_labels)
-        h, w = image_embeddings.shape[-2:]
-        dense = self.sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(point_coords.shape[0], -1, h, w)
-        masks, scores = self.sam.mask_decoder.predict_masks(
-            image_embeddings=image_embeddings,
-            image_pe=self.sam.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-        )
-        return scores, masks
 
 
 def fused_copy(sam: Sam) -> Sam:
@@ -93,7 +68,10 @@ def fused_copy(sam: Sam) -> Sam:
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs: tuple[str, ...], outputs: tuple[str, ...],
             opset: int, dynamic_axes: dict | None = None) -> None:
-    """TorchScript-based ONNX export, written atomically."""
+    """TorchScript-based ONNX export, written atomically. The wrapper is put in eval mode first:
+    the exporter restores the mode it finds, and a fresh wrapper's train mode would reach the
+    wrapped model's BatchNorm layers."""
+    module.eval()
     with atomic_path(path) as tmp, torch.no_grad():
         torch.onnx.export(module, args, str(tmp), dynamo=False, export_params=True, opset_version=opset,
                           do_constant_folding=True, input_names=list(inputs), output_names=list(outputs),
@@ -108,9 +86,10 @@ def _dummy_points(sam: Sam, n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def export_encoder(sam: Sam, path: Path, opset: int = 17) -> None:
-    """The (already fused) image encoder: `image` -> `image_embeddings`."""
+    """The (already fused) image encoder: `image` -> `image_embeddings`, then the pyramid maps."""
     size = sam.image_encoder.img_size
-    _export(sam.image_encoder, (torch.randn(1, 3, size, size),), path, ("image",), ("image_embeddings",), opset)
+    _export(EncoderGraph(sam), (torch.randn(1, 3, size, size),), path, ("image",),
+            ("image_embeddings", *pyramid_names(sam)), opset)
 
 
 def sam_decoder_inputs(sam: Sam, coords: torch.Tensor, labels: torch.Tensor, orig_hw: tuple[int, int],
@@ -143,21 +122,48 @@ def export_compact_decoder(sam: Sam, path: Path, opset: int = 17) -> None:
             COMPACT_OUTPUTS, opset, POINT_AXES)
 
 
-ONNX_FILES = {"encoder": "encoder.onnx", "decoder_sam": "decoder_sam.onnx", "decoder_edgesam": "decoder_edgesam.onnx"}
+def prompt_decoder_inputs(sam: Sam, coords: torch.Tensor, labels: torch.Tensor, embeddings: torch.Tensor,
+                          mask_input: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Inputs of `decoder.onnx` for N prompt sets (`mask_input` None: no mask input)."""
+    n, (h, w) = len(coords), sam.prompt_encoder.image_embedding_size
+    return {"image_embeddings": embeddings, "point_coords": coords, "point_labels": labels,
+            "mask_input": torch.zeros(n, 1, 4 * h, 4 * w) if mask_input is None else mask_input,
+            "has_mask_input": torch.full((n,), 0.0 if mask_input is None else 1.0)}
 
 
-def export_onnx(fused: Sam, out_dir: Path, opset: int = 17) -> dict[str, Path]:
-    """The fused model's encoder and both decoder interfaces under `out_dir`; returns their paths."""
+def export_prompt_decoder(sam: Sam, path: Path, opset: int = 17) -> None:
+    """The client decoder: N prompt sets per call (a dynamic axis, as the point count)."""
+    coords, labels = _dummy_points(sam, 5)
+    feeds = prompt_decoder_inputs(sam, coords.repeat(3, 1, 1), labels.repeat(3, 1),
+                                  torch.randn(1, 256, *sam.prompt_encoder.image_embedding_size))
+    _export(PromptDecoder(sam), tuple(feeds.values()), path, DECODER_INPUTS, DECODER_OUTPUTS, opset, PROMPT_AXES)
+
+
+def export_rpn(sam: Sam, rpn: RPN, path: Path, opset: int = 17) -> None:
+    """The RPN head on the encoder graph's pyramid outputs -> (rpn_scores, rpn_boxes)."""
+    size = sam.image_encoder.img_size
+    with torch.no_grad():
+        features = sam.image_encoder.forward_pyramid(torch.zeros(1, 3, size, size))[1]
+    _export(RPNGraph(rpn, size), tuple(features), path, pyramid_names(sam), RPN_OUTPUTS, opset)
+
+
+def export_onnx(fused: Sam, out_dir: Path, opset: int = 17, rpn: RPN | None = None) -> dict[str, Path]:
+    """The fused model's encoder and decoder interfaces (and the RPN head) under `out_dir`."""
     files = {name: Path(out_dir) / file for name, file in ONNX_FILES.items()}
     export_encoder(fused, files["encoder"], opset)
+    export_prompt_decoder(fused, files["decoder"], opset)
     export_sam_decoder(fused, files["decoder_sam"], opset)
     export_compact_decoder(fused, files["decoder_edgesam"], opset)
+    if rpn is not None:
+        files["rpn"] = Path(out_dir) / RPN_FILE
+        export_rpn(fused, rpn, files["rpn"], opset)
     return files
 
 
-def session(path: Path) -> ort.InferenceSession:
+def session(path: Path, threads: int | None = None) -> ort.InferenceSession:
+    """A CPU onnxruntime session with `threads` intra-op threads (default: torch's)."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -174,41 +180,47 @@ def _compare(name: str, got: np.ndarray, want: torch.Tensor, atol: float, rtol: 
     return {"max_abs_diff": float(diff.max()), "max_abs_value": float(np.abs(want).max()), "within_tolerance": ok}
 
 
-@torch.no_grad()
-def check_parity(sam: Sam, files: dict[str, Path], image: torch.Tensor, orig_hw: tuple[int, int],
-                 atol: float = 1e-3, rtol: float = 1e-3) -> dict[str, Any]:
-    """Run the exported files in onnxruntime and compare with PyTorch on `image` (a
-    preprocessed 1x3xSxS tensor) and a few point / box prompts. Raises `ParityError` when
-    any output is off by more than atol + rtol * |PyTorch value|; returns the differences.
-    """
-    report: dict[str, Any] = {"atol": atol, "rtol": rtol}
-    embeddings = sam.image_encoder(image)
-    got = session(files["encoder"]).run(None, {"image": image.numpy()})[0]
-    report["encoder"] = {"image_embeddings": _compare("encoder", got, embeddings, atol, rtol)}
-    size = sam.image_encoder.img_size
-    # Points with a padding point; a point with a box (labels 2, 3), in `Sam`'s token order.
-    prompts = [
+def _prompts(size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Points with a padding point; a point with a box (labels 2, 3), in `Sam`'s token order."""
+    return [
         (torch.tensor([[[0.3 * size, 0.4 * size], [0.6 * size, 0.5 * size], [0.0, 0.0]]]), torch.tensor([[1.0, 0.0, -1.0]])),
         (torch.tensor([[[0.4 * size, 0.5 * size], [0.2 * size, 0.2 * size], [0.7 * size, 0.8 * size]]]),
          torch.tensor([[1.0, 2.0, 3.0]])),
     ]
-    sam_decoder, compact = session(files["decoder_sam"]), session(files["decoder_edgesam"])
+
+
+@torch.no_grad()
+def check_parity(sam: Sam, files: dict[str, Path], image: torch.Tensor, orig_hw: tuple[int, int],
+                 atol: float = 1e-3, rtol: float = 1e-3, rpn: RPN | None = None) -> dict[str, Any]:
+    """Run the exported files in onnxruntime and compare with PyTorch on `image` (a
+    preprocessed 1x3xSxS tensor) and a few point / box prompts (for `decoder.onnx` also
+    several prompt sets in one call, with and without mask input). Raises `ParityError`
+    when any output is off by more than atol + rtol * |PyTorch value|; returns the differences.
+    """
+    report: dict[str, Any] = {"atol": atol, "rtol": rtol}
+    embeddings, features = sam.image_encoder.forward_pyramid(image)
+    got = session(files["encoder"]).run(None, {"image": image.numpy()})
+    report["encoder"] = {name: _compare(f"encoder {name}", g, w, atol, rtol)
+                         for name, g, w in zip(("image_embeddings", *pyramid_names(sam)), got, (embeddings, *features))}
     report["decoder_sam"], report["decoder_edgesam"] = {}, {}
-    for i, (coords, labels) in enumerate(prompts):
+    sam_decoder, compact = session(files["decoder_sam"]), session(files["decoder_edgesam"])
+    for i, (coords, labels) in enumerate(_prompts(sam.image_encoder.img_size)):
         feeds = sam_decoder_inputs(sam, coords, labels, orig_hw, embeddings)
         want = SamDecoder(sam, return_single_mask=False)(**feeds)
         outs = sam_decoder.run(None, _numpy(feeds))
         for name, g, w in zip(SAM_DECODER_OUTPUTS, outs, want):
             report["decoder_sam"][f"prompt{i}/{name}"] = _compare(f"decoder_sam {name}", g, w, atol, rtol)
         # The compact decoder against `decode` with the same prompts (all four mask tokens).
-        points, point_labels, boxes = _as_decode_prompts(coords, labels)
-        low, iou = decode(sam, embeddings, points, point_labels, boxes=boxes, num_outputs=4)
+        low, iou = decode(sam, embeddings, *_as_decode_prompts(coords, labels), num_outputs=4)
         scores, masks = compact.run(None, _numpy({"image_embeddings": embeddings, "point_coords": coords,
                                                    "point_labels": labels}))
         report["decoder_edgesam"][f"prompt{i}/scores"] = _compare("decoder_edgesam scores", scores, iou, atol, rtol)
         report["decoder_edgesam"][f"prompt{i}/masks"] = _compare("decoder_edgesam masks", masks, low, atol, rtol)
+    report["decoder"] = _prompt_decoder_parity(sam, files["decoder"], embeddings, atol, rtol)
+    if rpn is not None:
+        report["rpn"] = _rpn_parity(sam, rpn, files["rpn"], features, atol, rtol)
     failed = [f"{part} {key}: max |diff| {value['max_abs_diff']:.2e}"
-              for part in ("encoder", "decoder_sam", "decoder_edgesam")
+              for part in ("encoder", "decoder", "decoder_sam", "decoder_edgesam", "rpn") if part in report
               for key, value in report[part].items() if not value["within_tolerance"]]
     report["passed"] = not failed
     if failed:
@@ -216,36 +228,43 @@ def check_parity(sam: Sam, files: dict[str, Path], image: torch.Tensor, orig_hw:
     return report
 
 
+def _prompt_decoder_parity(sam: Sam, path: Path, embeddings: torch.Tensor, atol: float,
+                           rtol: float) -> dict[str, Any]:
+    """`decoder.onnx` against `decode` on 2 and 3 prompt sets per call, one batch with mask input."""
+    decoder, out = session(path), {}
+    for i, (coords, labels) in enumerate(_prompts(sam.image_encoder.img_size)):
+        n = 2 + i
+        coords, labels = coords.repeat(n, 1, 1) * torch.linspace(0.5, 1.0, n).reshape(n, 1, 1), labels.repeat(n, 1)
+        mask_input = torch.randn(n, 1, *[4 * s for s in sam.prompt_encoder.image_embedding_size]) if i else None
+        low, iou = decode(sam, embeddings, *_as_decode_prompts(coords, labels), mask_input=mask_input, num_outputs=4)
+        scores, masks = decoder.run(None, _numpy(prompt_decoder_inputs(sam, coords, labels, embeddings, mask_input)))
+        out[f"prompts{i}/scores"] = _compare("decoder scores", scores, iou, atol, rtol)
+        out[f"prompts{i}/masks"] = _compare("decoder masks", masks, low, atol, rtol)
+    return out
+
+
+def _rpn_parity(sam: Sam, rpn: RPN, path: Path, features: list[torch.Tensor], atol: float,
+                rtol: float) -> dict[str, Any]:
+    """`rpn.onnx` against `RPNGraph` in PyTorch (the decoding `proposals` does before NMS)."""
+    want = RPNGraph(rpn, sam.image_encoder.img_size)(*features)
+    got = session(path).run(None, _numpy(dict(zip(pyramid_names(sam), features))))
+    return {name: _compare(f"rpn {name}", g, w, atol, rtol) for name, g, w in zip(RPN_OUTPUTS, got, want)}
+
+
 def _as_decode_prompts(coords: torch.Tensor, labels: torch.Tensor):
-    """ONNX-style prompts (box corners as labels 2/3, explicit padding) in `decode`'s terms."""
-    corners = (labels == 2) | (labels == 3)
-    boxes = coords[corners].reshape(1, 4) if corners.any() else None
-    keep = ~corners & (labels != -1)
-    points = coords[keep].reshape(1, -1, 2)
-    return points, labels[keep].reshape(1, -1).long(), boxes
+    """ONNX-style prompts (N sets of the same structure: box corners as labels 2/3, explicit
+    padding) in `decode`'s terms: (points, labels, boxes)."""
+    n = len(coords)
+    corners = (labels[0] == 2) | (labels[0] == 3)
+    boxes = coords[:, corners].reshape(n, 4) if corners.any() else None
+    keep = ~corners & (labels[0] != -1)
+    return coords[:, keep], labels[:, keep].long(), boxes
 
 
 def ort_latency_ms(path: Path, feeds: dict[str, np.ndarray], repeats: int = 10) -> float:
     """Median onnxruntime CPU latency of one run, after a warm-up run."""
     sess = session(path)
     return latency_ms(lambda: sess.run(None, feeds), repeats)
-
-
-@torch.no_grad()
-def latency(sam: Sam, files: dict[str, Path], repeats: int) -> dict[str, dict[str, float]]:
-    """Median CPU latency (ms) of encoder and compact decoder: onnxruntime and PyTorch eager."""
-    size = sam.image_encoder.img_size
-    image = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
-    grid = sam.prompt_encoder.image_embedding_size
-    feeds = {"image_embeddings": np.zeros((1, 256, *grid), np.float32),
-             "point_coords": np.array([[[size / 2, size / 2], [0, 0]]], np.float32),
-             "point_labels": np.array([[1, -1]], np.float32)}
-    eager = model_speed(sam, repeats)
-    return {
-        "onnxruntime": {"encoder_ms": ort_latency_ms(files["encoder"], {"image": image}, repeats),
-                        "decoder_ms": ort_latency_ms(files["decoder_edgesam"], feeds, repeats)},
-        "pytorch": {"encoder_ms": eager["encoder_ms"], "decoder_ms": eager["decoder_ms"]},
-    }
 
 
 def export_coreml(sam: Sam, path: Path) -> dict[str, Any]:

@@ -1,33 +1,30 @@
-"""Stage `export`: the deployable bundle of the phase-2 student.
+"""Stage `export`: the deployable bundle of the phase-2 student (`edgesam.deploy.build_bundle`).
 
-Writes the fused encoder and both decoder interfaces as ONNX (`edgesam.export`), checks
-them against PyTorch with onnxruntime (the stage fails on a parity break, so no bundle with
-broken files is ever committed), measures onnxruntime vs PyTorch CPU latency, optionally
-converts the encoder to CoreML, and copies the EdgeSAM and RPN checkpoints next to a
-`config.json` and a `MODEL_CARD.md` carrying the evaluate stage's measured metrics.
+fp32 ONNX files checked against PyTorch (a parity break fails the stage, so no bundle with
+broken files is committed), the int8 encoder calibrated on the shard artifact's images, fp16
+encoder and decoder, the RPN head; each precision's mIoU on the val split beside fp32 and
+its latency; the checkpoints, `config.json` (every file with its SHA-256) and `MODEL_CARD.md`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-from skimage import data as sample_images
-
-from edgesam.artifacts import Artifact, copy_atomic, write_json_atomic, write_text_atomic
+from edgesam.artifacts import Artifact, write_text_atomic
 from edgesam.config import ExportConfig, RuntimeConfig
-from edgesam.data.transforms import PIXEL_MEAN, PIXEL_STD, preprocess
-from edgesam.export import (COMPACT_INPUTS, ONNX_FILES, SAM_DECODER_INPUTS, check_parity, export_coreml, export_onnx,
-                            fused_copy, latency)
-from edgesam.models.edgesam import edgesam_config, load_edgesam
+from edgesam.data.shards import iter_samples, list_shards
+from edgesam.deploy import build_bundle
+from edgesam.eval.datasets import shard_items
+from edgesam.export import export_coreml, fused_copy
+from edgesam.models.edgesam import load_edgesam
+from edgesam.models.rpn import load_rpn
 from edgesam.report import model_card
 
 STAGE = "export"
-UPSTREAM = ("prompt_kd", "rpn", "evaluate")
-CHECKPOINT, RPN_CHECKPOINT, COREML = "edgesam.pt", "rpn.pt", "encoder.mlpackage"
+UPSTREAM = ("shard", "prompt_kd", "rpn", "evaluate")
+COREML = "encoder.mlpackage"
 
 log = logging.getLogger("edgesam.pipelines.export")
 
@@ -36,39 +33,21 @@ def run(cfg: ExportConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact], 
     checkpoint = inputs["prompt_kd"].path / inputs["prompt_kd"].manifest["student"]
     rpn = inputs["rpn"].manifest
     sam = load_edgesam(checkpoint)
-    fused = fused_copy(sam)
-    log.info("exporting ONNX (opset %d) to %s", cfg.opset, out)
-    files = export_onnx(fused, out, cfg.opset)
-    photo = sample_images.coffee()  # a real, non-square photo
-    image, _ = preprocess(photo, fused.image_encoder.img_size)
-    parity = check_parity(fused, files, image[None], photo.shape[:2], cfg.parity_atol, cfg.parity_rtol)
-    with torch.no_grad():
-        parity["fusion_max_abs_diff"] = float((fused.image_encoder(image[None]) - sam.image_encoder(image[None])).abs().max())
-    log.info("ONNX parity ok: %s", {part: max(v["max_abs_diff"] for v in parity[part].values())
-                                    for part in ("encoder", "decoder_sam", "decoder_edgesam")})
-    timings = latency(fused, files, cfg.latency_repeats)
-    log.info("CPU latency ms: %s", json.dumps(timings))
-    coreml = export_coreml(fused, out / COREML) if cfg.coreml else {"status": "skipped", "reason": "export.coreml is off"}
+    calibration = (s.image for s in iter_samples(list_shards(inputs["shard"].path, cfg.calibration_split)))
+    check = shard_items(list_shards(inputs["shard"].path, "val"), cfg.check_images, cfg.check_annotations)
+    bundle = build_bundle(cfg, sam, checkpoint, load_rpn(inputs["rpn"].path / rpn["rpn"]), inputs["rpn"].path / rpn["rpn"],
+                          {"merge": rpn["merge"]}, calibration, check, out)
+    coreml = export_coreml(fused_copy(sam), out / COREML) if cfg.coreml else {"status": "skipped", "reason": "export.coreml is off"}
     log.info("CoreML: %s", coreml.get("reason", coreml["status"]))
-
-    copy_atomic(checkpoint, out / CHECKPOINT)
-    copy_atomic(inputs["rpn"].path / rpn["rpn"], out / RPN_CHECKPOINT)
-    config = {
-        "model": edgesam_config(sam), "img_size": sam.image_encoder.img_size,
-        "pixel_mean": list(PIXEL_MEAN), "pixel_std": list(PIXEL_STD), "mask_threshold": sam.mask_threshold,
-        "rpn": {"merge": rpn["merge"]},
-        "onnx": {"opset": cfg.opset, "files": ONNX_FILES, "decoder_sam_inputs": list(SAM_DECODER_INPUTS),
-                 "decoder_edgesam_inputs": list(COMPACT_INPUTS)},
-    }
-    write_json_atomic(out / "config.json", config)
-    names = {**ONNX_FILES, "checkpoint": CHECKPOINT, "rpn": RPN_CHECKPOINT}
-    write_text_atomic(out / "MODEL_CARD.md", model_card(config["model"], names, inputs["evaluate"].manifest, parity,
-                                                        timings, coreml))
+    config = bundle["config"]
+    write_text_atomic(out / "MODEL_CARD.md", model_card(config, inputs["evaluate"].manifest, bundle["parity"],
+                                                        bundle["latency_ms"], coreml))
+    files = {role: entry["file"] for role, entry in config["files"].items()}
     return {
-        "files": [*ONNX_FILES.values(), CHECKPOINT, RPN_CHECKPOINT, "config.json", "MODEL_CARD.md"]
-        + ([COREML] if coreml["status"] == "exported" else []),
-        "onnx": ONNX_FILES, "checkpoint": CHECKPOINT, "rpn": RPN_CHECKPOINT, "parity": parity,
-        "latency_ms": timings, "coreml": coreml,
+        "files": [*files.values(), "config.json", "MODEL_CARD.md"] + ([COREML] if coreml["status"] == "exported" else []),
+        "onnx": {r: f for r, f in files.items() if f.endswith(".onnx")}, "checkpoint": files["checkpoint"],
+        "rpn": files["rpn_checkpoint"], "parity": bundle["parity"], "latency_ms": bundle["latency_ms"],
+        "accuracy": config["accuracy"], "coreml": coreml,
     }
 
 

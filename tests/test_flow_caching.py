@@ -31,7 +31,7 @@ DAG = {
     "data": (), "shard": ("data",), "teacher": ("shard",), "embed": ("shard", "teacher"),
     "encoder_kd": ("embed", "teacher"), "prompt_kd": ("embed", "teacher", "encoder_kd"),
     "rpn": ("data", "prompt_kd"), "evaluate": ("data", "shard", "teacher", "encoder_kd", "prompt_kd", "rpn"),
-    "export": ("prompt_kd", "rpn", "evaluate"),
+    "export": ("shard", "prompt_kd", "rpn", "evaluate"),
 }
 TRAINING = ("encoder_kd", "prompt_kd")  # the fakes that "train": 3 logged steps, as `fit` reports them
 

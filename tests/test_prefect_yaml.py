@@ -1,4 +1,4 @@
-"""`prefect.yaml`: the same two deployments as `flows/serve.py` (names, flows, tags, the nightly
+"""`prefect.yaml`: the same three deployments as `flows/serve.py` (names, flows, tags, the nightly
 schedule and parameters), and Prefect's production path on a temporary local server:
 `prefect work-pool create edgesam --type process`, `prefect deploy --all`, then a worker
 (`--run-once`) runs `edgesam/full` on a one-stage selection."""
@@ -34,7 +34,7 @@ def test_prefect_yaml_matches_serve() -> None:
     spec = prefect_yaml()
     yaml_deps = {d["name"]: d for d in spec["deployments"]}
     served = {d.name: d for d in deployments()}
-    assert set(yaml_deps) == set(served) == {"full", "nightly"}
+    assert set(yaml_deps) == set(served) == {"full", "nightly", "default"}
     for name, dep in yaml_deps.items():
         runner = served[name]
         assert entrypoint_flow(dep["entrypoint"]).name == runner.flow_name

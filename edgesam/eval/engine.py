@@ -24,7 +24,7 @@ Masks are binarized at the image's own resolution (low-res logits upsampled with
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -144,12 +144,16 @@ class Encoded:
 
 @dataclass
 class Segmenter:
-    """A SAM-family model under evaluation, optionally with the RPN granularity prior."""
+    """A SAM-family model under evaluation, optionally with the RPN granularity prior.
+
+    `decoder` has `decode`'s signature; `edgesam.eval.onnx_backend` swaps in exported files.
+    """
 
     name: str
     sam: Sam
     rpn: RPN | None = None
     rule: PriorRule = PRIOR_RULES["official"]
+    decoder: Callable[..., tuple[torch.Tensor, torch.Tensor]] = decode  # e.g. an ONNX file's (eval/onnx_backend)
 
     @property
     def img_size(self) -> int:
@@ -204,6 +208,7 @@ class _Run:
     def __init__(self, segmenter: Segmenter, item: EvalItem, protocol: EvalProtocol, encoded: Encoded,
                  rng: np.random.Generator):
         self.sam, self.item, self.protocol, self.encoded, self.rng = segmenter.sam, item, protocol, encoded, rng
+        self.decoder = segmenter.decoder
         self.img_size = segmenter.img_size
         self.original = item.image.shape[:2]
         self.gt = torch.as_tensor(item.masks, device=self.sam.device)
@@ -223,7 +228,7 @@ class _Run:
             if len(rows) == 0:
                 continue
             k = 1 if with_box else outputs
-            part, scores = decode(self.sam, self.encoded.embedding,
+            part, scores = self.decoder(self.sam, self.encoded.embedding,
                                   points[rows] if points is not None else None,
                                   labels[rows] if labels is not None else None,
                                   boxes[rows] if with_box else None,

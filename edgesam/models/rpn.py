@@ -213,12 +213,12 @@ class PriorRule:
     nms_iou: float | None
     max_proposals: int | None
     k: int
-    merge: str  # "best": the best-scoring of the k nearest that contain the click; "weighted"
+    pick: str  # "best": the best-scoring of the k nearest that contain the click; "weighted": their weighted mean
 
 
 PRIOR_RULES = {
-    "official": PriorRule(score_threshold=0.1, nms_iou=None, max_proposals=None, k=5, merge="best"),
-    "weighted": PriorRule(score_threshold=0.05, nms_iou=0.6, max_proposals=100, k=3, merge="weighted"),
+    "official": PriorRule(score_threshold=0.1, nms_iou=None, max_proposals=None, k=5, pick="best"),
+    "weighted": PriorRule(score_threshold=0.05, nms_iou=0.6, max_proposals=100, k=3, pick="weighted"),
 }
 
 
@@ -241,7 +241,7 @@ def prior_boxes(points: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor,
         return out, torch.zeros(n, dtype=torch.bool, device=points.device)
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2
     distance = torch.cdist(points.float(), centres.float())  # (N, M)
-    if rule.merge == "weighted":
+    if rule.pick == "weighted":
         nearest = distance.topk(min(rule.k, len(boxes)), dim=1, largest=False).indices  # (N, k)
         weights = scores[nearest].clamp(min=1e-12)
         out = (boxes[nearest] * weights[..., None]).sum(dim=1) / weights.sum(dim=1, keepdim=True)
