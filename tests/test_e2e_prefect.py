@@ -190,7 +190,8 @@ def _close(got, want, path: str = "") -> list[str]:
 
 
 def test_smoke_metrics_match_the_recorded_run(first_run, work_dir):
-    """The smoke DAG's numbers as recorded before the library refactor (tests/data/smoke_metrics.json)."""
+    """The smoke DAG's numbers as recorded (tests/data/smoke_metrics.json): a change of any result
+    fails here. A deliberate change re-records them from `python -m pipelines all --profile smoke`."""
     import json
 
     def manifest(stage: str) -> dict:

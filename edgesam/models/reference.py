@@ -62,8 +62,6 @@ def load_reference_sam(path: Path, arch: dict) -> Sam:
     return sam.eval()
 
 
-
-
 def load_reference(path: Path) -> Sam:
     """The reference teacher at `path`, built from the metadata beside it (no hashing)."""
     return load_reference_sam(path, reference_metadata(Path(path).parent)["arch"])
