@@ -102,7 +102,7 @@ def test_paper_shaped_dry_run_at_1024_on_two_nodes(cluster, tmp_path):
         "teacher": {"kind": "vit_b", "checkpoint": str(checkpoint), "allow_unverified": True},
         "embed": {"batch_size": 1},
         "encoder_kd": {"eval_images": 1, "train": {**train, "max_steps": 2}},
-        "prompt_kd": {"eval_images": 1, "max_prompts": 4, "train": {**train, "max_steps": 4}},
+        "prompt_kd": {"eval_images": 1, "max_prompts": 4, "train": {**train, "epochs": 2, "max_steps": 4}},  # 4 images / 2 workers: 2 steps per epoch
         "rpn": {"train": {**train, "max_steps": 2}},
         "evaluate": {"max_images": 1, "protocols": ["paper"], "refine_iters": 1, "overlay_images": 0,
                      "speed_repeats": 1},

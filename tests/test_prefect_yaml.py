@@ -72,7 +72,7 @@ def test_deploy_all_and_a_worker_run(tmp_path: Path) -> None:
         prefect("deploy", "--all", "--no-prompt")
 
         deps = {d.name: d for d in stack.client(lambda c: c.read_deployments())}
-        assert set(deps) == {"full", "nightly"}
+        assert set(deps) == {"full", "nightly", "default"}
         for dep in deps.values():
             assert dep.work_pool_name == "edgesam"
             assert dep.job_variables == {"working_dir": str(REPO)}
