@@ -48,9 +48,20 @@ def training_workers(raylets: set[int]) -> list[int]:
 
 def kill_a_worker_once_phase2_checkpoints(storage: Path, raylets: set[int], stop: threading.Event,
                                           killed: list[int]) -> None:
-    """Wait for phase 2's first reported checkpoint in the shared storage, then SIGKILL one worker."""
+    """Wait until Ray Train has registered phase 2's first checkpoint (its checkpoint manager's
+    snapshot in the shared storage names one; a checkpoint directory alone may not be registered
+    yet, and a retry would start from step 0), then SIGKILL one worker."""
+    def registered() -> bool:
+        for snapshot in storage.glob("prompt_kd-*/checkpoint_manager_snapshot.json"):
+            try:
+                if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+                    return True
+            except (OSError, ValueError):  # being written
+                continue
+        return False
+
     while not stop.is_set():
-        if any(storage.glob("prompt_kd-*/checkpoint_*")) and (pids := training_workers(raylets)):
+        if registered() and (pids := training_workers(raylets)):
             os.kill(pids[-1], signal.SIGKILL)
             killed.append(pids[-1])
             return
