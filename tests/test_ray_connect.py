@@ -6,6 +6,7 @@ hint, and one with `RAY_AUTH_MODE=token` and the token joins."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -75,13 +76,10 @@ def server(reply: bytes) -> Iterator[str]:
                 conn, _ = sock.accept()
             except OSError:
                 continue
-            with conn:
+            with conn, contextlib.suppress(OSError):  # a client that hangs up early
                 conn.settimeout(1)
-                try:
-                    conn.recv(1024)
-                    conn.sendall(reply)
-                except OSError:
-                    pass
+                conn.recv(1024)
+                conn.sendall(reply)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -275,14 +273,10 @@ def stop(proc: subprocess.Popen) -> None:
     whatever is left of its process group."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):  # then SIGKILL below
             proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
+    with contextlib.suppress(ProcessLookupError):  # the group is already gone
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     proc.wait(timeout=10)
 
 

@@ -4,19 +4,11 @@ student's, as SAM's outweighs EdgeSAM's."""
 
 from __future__ import annotations
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 from edgesam.artifacts import file_digests
 from edgesam.config import load_profile
+from edgesam.eval.speed import model_speed
 from edgesam.models.edgesam import build_edgesam
 from edgesam.models.reference import META, REFERENCE_DIR, WEIGHTS, load_reference, reference_metadata, verify_reference
-
-
-def _encoder_flops(encoder: torch.nn.Module, size: int) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        encoder(torch.zeros(1, 3, size, size))
-    return counter.get_total_flops()
 
 
 def test_card_metadata_and_file_agree():
@@ -35,4 +27,6 @@ def test_it_verifies_loads_and_outweighs_the_default_student():
     default = load_profile("default")
     assert default.teacher.kind == "reference" and default.shard.target_size == size
     student = build_edgesam(backbone=default.encoder_kd.backbone, img_size=size)
-    assert _encoder_flops(teacher.image_encoder, size) > 1.5 * _encoder_flops(student.image_encoder, size)
+    gmacs = {name: model_speed(sam, repeats=1)["encoder_gmacs"]
+             for name, sam in (("teacher", teacher), ("student", student))}
+    assert gmacs["teacher"] > 1.5 * gmacs["student"], gmacs

@@ -29,7 +29,7 @@ W_TRUE = torch.arange(8, dtype=torch.float32).reshape(8, 1) / 8
 
 
 class Crash(RuntimeError):
-    pass
+    """The failure a test injects into a training worker."""
 
 
 class Probe(nn.Module):
