@@ -84,7 +84,7 @@ def fingerprint(stage: str, config: Any, upstream: Mapping[str, str], code: str)
 
 
 def file_digests(path: Path, chunk: int = 1 << 24) -> tuple[str, str]:
-    """(sha256, md5) hex digests of a file, read once (the only place files are hashed)."""
+    """(sha256, md5) hex digests of a file, read once (the pipeline's hashing; bundles: `edgesam.bundle.sha256`)."""
     sha, md5 = hashlib.sha256(), hashlib.md5()
     with open(path, "rb") as f:
         while block := f.read(chunk):

@@ -23,6 +23,7 @@ class BundleError(ValueError):
 
 
 def sha256(path: Path) -> str:
+    """SHA-256 of a file; not `edgesam.artifacts.sha256_file`: bundle clients need no pydantic."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 24):
