@@ -286,7 +286,8 @@ def test_two_workers_leave_the_iou_head_as_the_teachers_and_frozen_parameters_ou
 
     task = _prompt_task(kd_inputs)
     cfg = _fit_cfg().model_copy(update={"epochs": 1, "max_steps": 2, "batch_size": 1, "weight_decay": 0.5})
-    ray.init(num_cpus=2, object_store_memory=128 * 1024**2, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local",  # never a cluster left recorded in /tmp/ray
+             num_cpus=2, object_store_memory=128 * 1024**2, include_dashboard=False, logging_level=logging.WARNING)
     try:
         fit(task, cfg, RuntimeConfig(num_workers=2, cpus_per_worker=1, object_store_mb=128, seed=0), tmp_path)
     finally:

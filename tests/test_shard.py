@@ -101,7 +101,8 @@ def test_same_input_gives_byte_identical_shards_across_worker_counts(bench, tmp_
     two, _ = _run(tmp_path, bench, "two", max_count=5, workers=2)
     assert one["splits"] == two["splits"]
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024**2)  # as with RAY_ADDRESS
+    # an initialized Ray, as a joined cluster would be; "local": never one left recorded in /tmp/ray
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024**2)
     try:
         on_ray, _ = _run(tmp_path, bench, "ray", max_count=5, workers=2)
     finally:

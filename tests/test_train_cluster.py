@@ -111,7 +111,8 @@ def ray_cluster():
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not on the workers' path
-    ray.init(num_cpus=2, object_store_memory=128 * 1024**2, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local",  # never a cluster left recorded in /tmp/ray
+             num_cpus=2, object_store_memory=128 * 1024**2, include_dashboard=False, logging_level=logging.WARNING)
     yield
     ray.shutdown()
 
