@@ -28,6 +28,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -174,18 +175,18 @@ def write_bundle(student: Any, out: Path, calibration: list[Any]) -> None:
     from edgesam.bundle import CONFIG, file_entry
     from edgesam.deploy import bundle_config, encoder_inputs
     from edgesam.export import export_compact_decoder, export_encoder, export_prompt_decoder
-    from edgesam.quantize import quantize_encoder, to_fp16
+    from edgesam.quantize import prepare_encoder, quantize_encoder, to_fp16
 
     print("exporting the fused student to ONNX (fp32, int8 calibrated on 4 photos, fp16) ...", flush=True)
     export_encoder(student, out / "encoder.onnx")
     export_prompt_decoder(student, out / "decoder.onnx")
     export_compact_decoder(student, out / "decoder_edgesam.onnx")
-    quantize_encoder(student, out / "encoder_int8.onnx", encoder_inputs(calibration, student.image_encoder.img_size),
-                     per_channel=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        quantize_encoder(prepare_encoder(student, Path(tmp)), out / "encoder_int8.onnx",
+                         encoder_inputs(calibration, student.image_encoder.img_size), per_channel=False)
     to_fp16(out / "encoder.onnx", out / "encoder_fp16.onnx")
     entries = {p.stem: file_entry(p) for p in sorted(out.glob("*.onnx"))}
-    write_json_atomic(out / CONFIG, bundle_config(student, entries, {"k": 3, "score_threshold": 0.05,
-                                                                     "max_proposals": 100}, 17))
+    write_json_atomic(out / CONFIG, bundle_config(student, entries, "official", 17))
 
 
 def onnx_rows(student: Any, m_student: Any, m_image: Any, m_emb: Any, m_box: Any, box: Any, image: Any,
@@ -195,8 +196,6 @@ def onnx_rows(student: Any, m_student: Any, m_image: Any, m_emb: Any, m_box: Any
     client decoder on 1 and 16 boxes in one call; `OnnxPredictor`'s click-to-mask path on a
     683 x 1024 photo (encoder once in `set_image`, then one decoder call and the upsampling
     per click). Files go to a temporary directory."""
-    import tempfile
-
     import numpy as np
     from PIL import Image
     from skimage import data as photos
@@ -204,6 +203,7 @@ def onnx_rows(student: Any, m_student: Any, m_image: Any, m_emb: Any, m_box: Any
     from edgesam.eval.speed import params_m
     from edgesam.export import session
     from edgesam.models.decoding import decode
+    from edgesam.numpy_ops import decoder_feeds, prompt_arrays
     from edgesam.onnx_predictor import OnnxPredictor
 
     encoder_params = params_m(student.image_encoder)
@@ -225,10 +225,7 @@ def onnx_rows(student: Any, m_student: Any, m_image: Any, m_emb: Any, m_box: Any
             m_student, lambda: decode(m_student, m_emb, boxes=m_box, num_outputs=4), args.warmup, args.repeats)
         client = session(Path(tmp) / "decoder.onnx", args.threads)
         for n in (1, 16):
-            feeds = {"image_embeddings": emb.numpy(), "point_coords": np.repeat(box.reshape(1, 2, 2).numpy(), n, 0),
-                     "point_labels": np.tile(np.float32([[2, 3]]), (n, 1)),
-                     "mask_input": np.zeros((n, 1, *[4 * g for g in emb.shape[-2:]]), np.float32),
-                     "has_mask_input": np.zeros(n, np.float32)}
+            feeds = decoder_feeds(emb.numpy(), *prompt_arrays(None, None, np.repeat(box.reshape(1, 4).numpy(), n, 0)))
             m_boxes = m_box.repeat(n, 1)
             add(f"client decoder (decoder.onnx), {n} box{'es' if n > 1 else ''} in one call", decoder_params,
                 lambda f=feeds: client.run(None, f),

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 CONFIG = "config.json"
+CHECKPOINT, RPN_CHECKPOINT = "edgesam.pt", "rpn.pt"  # the PyTorch files beside the ONNX ones
 FORMAT = "edgesam-bundle"
 VERSION = 2
 

@@ -58,17 +58,24 @@ def _torch_device(device: str) -> str:
 
 
 def torch_predictor(checkpoint: Path, rpn: bool, rpn_checkpoint: Path | None, device: str) -> Any:
-    """`EdgeSAMPredictor` of a checkpoint (or bundle folder); with `rpn`, the RPN beside it or given."""
+    """`EdgeSAMPredictor` of a bundle folder (its files checked against config.json) or of a
+    checkpoint; with `rpn`, the RPN of the bundle, beside the checkpoint, or given."""
+    from edgesam.bundle import CHECKPOINT, RPN_CHECKPOINT, BundleError
     from edgesam.models.checkpoint import CheckpointError, read_checkpoint
     from edgesam.models.edgesam import load_edgesam
     from edgesam.models.rpn import load_rpn
     from edgesam.predictor import EdgeSAMPredictor
 
-    file = checkpoint / "edgesam.pt" if checkpoint.is_dir() else checkpoint
-    rpn_file = rpn_checkpoint or bundle_dir(checkpoint) / "rpn.pt"
+    if checkpoint.is_dir() and rpn_checkpoint is None:
+        try:
+            return EdgeSAMPredictor.from_bundle(checkpoint, rpn, _torch_device(device))
+        except (BundleError, CheckpointError) as exc:
+            raise SystemExit(f"error: {exc}") from exc
+    file = checkpoint / CHECKPOINT if checkpoint.is_dir() else checkpoint
+    rpn_file = rpn_checkpoint or bundle_dir(checkpoint) / RPN_CHECKPOINT
     if rpn and not rpn_file.is_file():
         raise SystemExit(f"error: --rpn needs the RPN checkpoint: {rpn_file} not found "
-                         "(export bundles have rpn.pt beside edgesam.pt; else pass --rpn-checkpoint FILE)")
+                         f"(export bundles have {RPN_CHECKPOINT} beside {CHECKPOINT}; else pass --rpn-checkpoint FILE)")
     device = _torch_device(device)
     try:
         model = load_edgesam(file).to(device)
@@ -256,7 +263,8 @@ def cmd_everything(args: argparse.Namespace) -> None:
         json_path, overlay_path = args.out / f"{path.stem}_masks.json", args.out / f"{path.stem}_everything.png"
         json_path.write_text(json.dumps({"image": path.name, "height": image.shape[0], "width": image.shape[1],
                                          "annotations": annotations}))
-        masks = np.array([mask_utils.decode(a["segmentation"]).astype(bool) for a in annotations]).reshape(-1, *image.shape[:2])
+        masks = np.array([mask_utils.decode(a["segmentation"]).astype(bool) for a in annotations]
+                         ).reshape(-1, *image.shape[:2])
         colors = np.random.default_rng(0).uniform(0, 255, (len(masks), 3)).astype(np.float32)
         Image.fromarray(overlay(image, masks, colors=colors)).save(overlay_path)
         print(f"{len(annotations)} masks {json_path} (COCO RLE)\noverlay {overlay_path}\n"

@@ -23,7 +23,7 @@ from segment_anything.modeling import Sam
 from skimage import data as sample_images
 
 from edgesam.artifacts import copy_atomic, write_json_atomic
-from edgesam.bundle import CONFIG, FORMAT, VERSION, file_entry
+from edgesam.bundle import CHECKPOINT, CONFIG, FORMAT, RPN_CHECKPOINT, VERSION, file_entry
 from edgesam.config import ExportConfig
 from edgesam.data.transforms import PIXEL_MEAN, PIXEL_STD, preprocess
 from edgesam.eval.datasets import EvalItem
@@ -36,11 +36,11 @@ from edgesam.export import (COMPACT_INPUTS, DECODER_INPUTS, SAM_DECODER_INPUTS, 
 from edgesam.metrics import summarize
 from edgesam.models.edgesam import edgesam_config
 from edgesam.models.rpn import PRIOR_RULES, RPN
+from edgesam.numpy_ops import decoder_feeds, prompt_arrays
 from edgesam.numpy_rpn import PRE_NMS_TOP
-from edgesam.quantize import quantize_encoder, to_fp16
+from edgesam.quantize import prepare_encoder, quantize_encoder, to_fp16
 
 log = logging.getLogger("edgesam.deploy")
-CHECKPOINT, RPN_CHECKPOINT = "edgesam.pt", "rpn.pt"
 DESCRIPTIONS = {
     "encoder": "image (1, 3, S, S) -> image_embeddings, features_s8/s16/s32",
     "decoder": "N prompt sets per call -> scores (N, 4), low-res masks (N, 4, S/4, S/4); static shapes",
@@ -67,11 +67,11 @@ def _miou(sam: Sam, segmenters: list[Segmenter], items: Iterable[EvalItem], chec
 
 
 def _feeds(sam: Sam, boxes: int) -> dict[str, np.ndarray]:
+    """`decoder.onnx` inputs of `boxes` copies of one box on a random embedding (latency only)."""
     size, (h, w) = sam.image_encoder.img_size, sam.prompt_encoder.image_embedding_size
-    box = np.array([[[0.2 * size, 0.25 * size], [0.7 * size, 0.8 * size]]], np.float32)
-    return {"image_embeddings": np.random.default_rng(0).standard_normal((1, 256, h, w), np.float32),
-            "point_coords": np.repeat(box, boxes, 0), "point_labels": np.tile(np.float32([[2, 3]]), (boxes, 1)),
-            "mask_input": np.zeros((boxes, 1, 4 * h, 4 * w), np.float32), "has_mask_input": np.zeros(boxes, np.float32)}
+    box = np.repeat([[0.2 * size, 0.25 * size, 0.7 * size, 0.8 * size]], boxes, 0)
+    embedding = np.random.default_rng(0).standard_normal((1, 256, h, w), np.float32)
+    return decoder_feeds(embedding, *prompt_arrays(None, None, box))
 
 
 def file_latency(sam: Sam, role: str, path: Path, repeats: int) -> dict[str, float]:
@@ -95,16 +95,18 @@ def file_latency(sam: Sam, role: str, path: Path, repeats: int) -> dict[str, flo
 def _int8(fused: Sam, cfg: ExportConfig, calibration: list[np.ndarray], tmp: Path) -> dict[str, Path]:
     """The int8 candidates to measure: per-tensor and / or per-channel weights."""
     modes = ("per_tensor", "per_channel") if cfg.int8_weights == "auto" else (cfg.int8_weights,)
+    prepared = prepare_encoder(fused, tmp, cfg.opset)
     out = {}
     for mode in modes:
         out[mode] = tmp / f"encoder_int8_{mode}.onnx"
         log.info("int8 encoder, %s weights, %s calibration on %d images", mode, cfg.calibration_method, len(calibration))
-        quantize_encoder(fused, out[mode], calibration, mode == "per_channel", cfg.calibration_method, cfg.opset)
+        quantize_encoder(prepared, out[mode], calibration, mode == "per_channel", cfg.calibration_method)
     return out
 
 
 def _precision_checks(fused: Sam, cfg: ExportConfig, files: dict[str, Path], calibration: list[np.ndarray],
-                      items: Iterable[EvalItem], tmp: Path) -> tuple[dict[str, Path], dict[str, Any]]:
+                      items: Iterable[EvalItem], check: EvalProtocol, tmp: Path
+                      ) -> tuple[dict[str, Path], dict[str, Any]]:
     """Reduced-precision files (written to `tmp`) and the mIoU of every variant beside fp32."""
     variants = {"fp32": (files["encoder"], files["decoder"])}
     candidates = _int8(fused, cfg, calibration, tmp) if "int8" in cfg.precisions else {}
@@ -117,7 +119,7 @@ def _precision_checks(fused: Sam, cfg: ExportConfig, files: dict[str, Path], cal
         variants |= {"fp16 encoder": (extra["encoder_fp16"], files["decoder"]),
                      "fp16 decoder": (files["encoder"], extra["decoder_fp16"])}
     segmenters = [onnx_segmenter(name, fused, *paths) for name, paths in variants.items()]
-    miou = _miou(fused, segmenters, items, protocol(cfg.check_protocol, cfg.check_refine_iters))
+    miou = _miou(fused, segmenters, items, check)
     if candidates:
         best = max(candidates, key=lambda mode: (miou[f"int8 {mode}"]["box"], miou[f"int8 {mode}"]["point"]))
         extra["encoder_int8"] = candidates[best]
@@ -163,13 +165,14 @@ def _entries(fused: Sam, files: dict[str, Path], miou: dict[str, Any], repeats: 
             for role, path in files.items()}
 
 
-def bundle_config(sam: Sam, entries: dict[str, Any], rpn_settings: dict[str, Any], opset: int) -> dict[str, Any]:
-    """config.json of a bundle: what a client needs besides the files (`edgesam.bundle` reads it)."""
+def bundle_config(sam: Sam, entries: dict[str, Any], merge: str, opset: int) -> dict[str, Any]:
+    """config.json of a bundle: what a client needs besides the files (`edgesam.bundle` reads it);
+    `merge` names the prior's rule (`PRIOR_RULES`), whose settings the client applies."""
     return {
         "format": FORMAT, "version": VERSION, "model": edgesam_config(sam), "img_size": sam.image_encoder.img_size,
         "embedding_size": list(sam.prompt_encoder.image_embedding_size), "pixel_mean": list(PIXEL_MEAN),
         "pixel_std": list(PIXEL_STD), "mask_threshold": sam.mask_threshold, "opset": opset,
-        "rpn": {**rpn_settings, **asdict(PRIOR_RULES[rpn_settings["merge"]]), "pre_nms_top": PRE_NMS_TOP},
+        "rpn": {"merge": merge, **asdict(PRIOR_RULES[merge]), "pre_nms_top": PRE_NMS_TOP},
         "inputs": {"decoder": list(DECODER_INPUTS), "decoder_sam": list(SAM_DECODER_INPUTS),
                    "decoder_edgesam": list(COMPACT_INPUTS)},
         "files": entries,
@@ -177,17 +180,18 @@ def bundle_config(sam: Sam, entries: dict[str, Any], rpn_settings: dict[str, Any
 
 
 def build_bundle(cfg: ExportConfig, sam: Sam, checkpoint: Path, rpn: RPN, rpn_checkpoint: Path,
-                 rpn_settings: dict[str, Any], calibration_images: Iterable[np.ndarray],
+                 merge: str, calibration_images: Iterable[np.ndarray],
                  check_items: Iterable[EvalItem], out: Path) -> dict[str, Any]:
     """Write and check every file of the bundle in `out`, then config.json.
 
     Returns the manifest body: config.json's content, the parity report and latencies.
     """
+    check = protocol(cfg.check_protocol, cfg.check_refine_iters)
     fused, files, parity = _export_checked(cfg, sam, rpn, out)
     img_size = fused.image_encoder.img_size
     calibration = encoder_inputs(islice(calibration_images, cfg.calibration_images), img_size)
     with tempfile.TemporaryDirectory() as tmp:  # int8 candidates: only the chosen one reaches `out`
-        extra, miou = _precision_checks(fused, cfg, files, calibration, check_items, Path(tmp))
+        extra, miou = _precision_checks(fused, cfg, files, calibration, check_items, check, Path(tmp))
         for role, path in extra.items():
             files[role] = out / f"{role}.onnx"
             copy_atomic(path, files[role])
@@ -197,8 +201,8 @@ def build_bundle(cfg: ExportConfig, sam: Sam, checkpoint: Path, rpn: RPN, rpn_ch
     entries = _entries(fused, files, miou, cfg.latency_repeats)
     entries["checkpoint"] = file_entry(out / CHECKPOINT, loader="edgesam.models.edgesam.load_edgesam")
     entries["rpn_checkpoint"] = file_entry(out / RPN_CHECKPOINT, loader="edgesam.models.rpn.load_rpn")
-    config = bundle_config(sam, entries, rpn_settings, cfg.opset)
-    config["accuracy"] = {"protocol": asdict(protocol(cfg.check_protocol, cfg.check_refine_iters)), "split": "val", "calibration_images": len(calibration),
+    config = bundle_config(sam, entries, merge, cfg.opset)
+    config["accuracy"] = {"protocol": asdict(check), "split": "val", "calibration_images": len(calibration),
                           "calibration_split": cfg.calibration_split, "variants": miou}
     write_json_atomic(out / CONFIG, config)
     eager = model_speed(fused, cfg.latency_repeats)

@@ -45,6 +45,12 @@ def as_rgb(image: Any, image_format: str = "RGB") -> np.ndarray:
     return np.ascontiguousarray(image[..., ::-1] if image_format == "BGR" else image)
 
 
+def require_image(is_image_set: bool) -> None:
+    """The error both predictors give for a prompt before `set_image`."""
+    if not is_image_set:
+        raise RuntimeError("an image must be set with set_image(...) before predicting")
+
+
 def _finite(values: np.ndarray, what: str) -> np.ndarray:
     if not np.all(np.isfinite(values)):
         raise PromptError(f"{what} must be finite numbers, got {values.tolist()}")

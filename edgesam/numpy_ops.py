@@ -5,7 +5,8 @@ them): `preprocess` of `edgesam.data.transforms.preprocess` (segment-anything's 
 resize of the longest side, normalisation, bottom-right zero padding), `upsample_logits` of
 `Sam.postprocess_masks` (bilinear to the padded input, crop, bilinear to the original size:
 two linear maps per axis, composed into one matrix each), `prompt_arrays` of the token
-order `Sam.prompt_encoder` builds (points, then box corners; one padding point without a box).
+order `Sam.prompt_encoder` builds (points, then box corners; one padding point without a box),
+`decoder_feeds` of `edgesam.export.prompt_decoder_inputs`.
 """
 
 from __future__ import annotations
@@ -59,6 +60,17 @@ def prompt_arrays(point_coords: np.ndarray | None, point_labels: np.ndarray | No
         parts.append(np.zeros((n, 1, 2), np.float32))
         labels.append(np.full((n, 1), PADDING_LABEL, np.float32))
     return np.concatenate(parts, axis=1), np.concatenate(labels, axis=1)
+
+
+def decoder_feeds(image_embeddings: np.ndarray, coords: np.ndarray, labels: np.ndarray,
+                  mask_input: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """`decoder.onnx`'s inputs for N prompt sets (coordinates and labels from `prompt_arrays`);
+    without `mask_input`, zero masks flagged absent."""
+    n, (h, w) = len(coords), image_embeddings.shape[-2:]
+    shape = (n, 1, 4 * h, 4 * w)
+    masks = np.zeros(shape, np.float32) if mask_input is None else np.asarray(mask_input, np.float32).reshape(shape)
+    return {"image_embeddings": image_embeddings, "point_coords": coords, "point_labels": labels, "mask_input": masks,
+            "has_mask_input": np.full(n, 0.0 if mask_input is None else 1.0, np.float32)}
 
 
 def bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:

@@ -6,7 +6,7 @@
 * `CompactDecoder`: EdgeSAM's compact interface (one prompt set, no mask input).
 * `PromptDecoder` (`edgesam.onnx_decoder`): the client decoder, N prompt sets per call.
 * `RPNGraph`: the RPN head and its box decoding for one image (thresholding, NMS and the
-  merge around a click are data-dependent and run in numpy, `edgesam.numpy_ops`).
+  merge around a click are data-dependent and run in numpy, `edgesam.numpy_rpn`).
 """
 
 from __future__ import annotations

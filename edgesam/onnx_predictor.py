@@ -17,8 +17,8 @@ import numpy as np
 import onnxruntime as ort
 
 from edgesam.bundle import Bundle, BundleError
-from edgesam.inputs import as_rgb, check_prompt
-from edgesam.numpy_ops import preprocess, prompt_arrays, scale_coords, upsample_logits
+from edgesam.inputs import as_rgb, check_prompt, require_image
+from edgesam.numpy_ops import decoder_feeds, preprocess, prompt_arrays, scale_coords, upsample_logits
 from edgesam.numpy_rpn import prior_boxes, proposals
 
 PRECISIONS = ("fp32", "int8", "fp16")
@@ -73,6 +73,7 @@ class OnnxPredictor:
         self.encoder = load(role("encoder", encoder_precision))
         self.decoder = load(role("decoder", decoder_precision))
         self.rpn = load("rpn_onnx") if rpn else None
+        self._pyramid = [o.name for o in self.encoder.get_outputs()[1:]]  # the RPN's inputs, finest first
         self._check_shapes()
         self.reset_image()
 
@@ -87,10 +88,9 @@ class OnnxPredictor:
         if decoder_in.get("image_embeddings") != embedding or list(embedding[2:]) != list(grid):
             raise BundleError(f"encoder output {embedding} and decoder input {decoder_in.get('image_embeddings')} "
                               f"do not match the embedding size {grid} in config.json")
-        if self.rpn is not None:
-            pyramid = [o.name for o in self.encoder.get_outputs()[1:]]
-            if [i.name for i in self.rpn.get_inputs()] != pyramid:
-                raise BundleError(f"rpn.onnx reads {[i.name for i in self.rpn.get_inputs()]}, the encoder gives {pyramid}")
+        if self.rpn is not None and [i.name for i in self.rpn.get_inputs()] != self._pyramid:
+            raise BundleError(f"rpn.onnx reads {[i.name for i in self.rpn.get_inputs()]}, "
+                              f"the encoder gives {self._pyramid}")
 
     def reset_image(self) -> None:
         self.features = self.proposals = None
@@ -106,15 +106,11 @@ class OnnxPredictor:
         outputs = self.encoder.run(None, {"image": x})
         self.features = outputs[0]
         if self.rpn is not None:
-            scores, boxes = self.rpn.run(None, dict(zip([o.name for o in self.encoder.get_outputs()[1:]], outputs[1:])))
+            scores, boxes = self.rpn.run(None, dict(zip(self._pyramid, outputs[1:])))
             rule = config["rpn"]
             self.proposals = proposals(scores, boxes, self.input_size, rule["score_threshold"], rule["max_proposals"],
                                        rule["pre_nms_top"], rule["nms_iou"])
         self.is_image_set = True
-
-    def _require_image(self) -> None:
-        if not self.is_image_set:
-            raise RuntimeError("an image must be set with set_image(...) before predicting")
 
     def predict(self, point_coords: np.ndarray | None = None, point_labels: np.ndarray | None = None,
                 box: np.ndarray | None = None, mask_input: np.ndarray | None = None, multimask_output: bool = True,
@@ -122,7 +118,7 @@ class OnnxPredictor:
         """One object, as `SamPredictor.predict`: points (P, 2) in pixels with labels (P,) 1 / 0, a
         box (4,) xyxy, low-res logits (1, 256, 256) of a previous call -> masks (C, H, W), scores
         (C,), low-res logits (C, 256, 256); C = 3 with `multimask_output`, else 1."""
-        self._require_image()
+        require_image(self.is_image_set)
         points, labels, boxes = check_prompt(point_coords, point_labels, box, mask_input, self.original_size)
         masks, scores, low = self._decode(points[None] if points is not None else None,
                                           labels[None] if labels is not None else None, boxes,
@@ -136,7 +132,7 @@ class OnnxPredictor:
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """N objects in one decoder call: point sets (N, P, 2) with labels (N, P) and / or boxes (N, 4),
         mask_input (N, 1, 256, 256) -> masks (N, C, H, W), scores (N, C), low-res (N, C, 256, 256)."""
-        self._require_image()
+        require_image(self.is_image_set)
         points, labels, boxes = check_prompt(point_coords, point_labels, boxes, mask_input, self.original_size,
                                              batched=True)
         return self._decode(points, labels, boxes, mask_input, multimask_output, return_logits)
@@ -154,17 +150,11 @@ class OnnxPredictor:
                             return_logits: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`predict_batch` on prompts already in the resized input frame and unchecked (what
         `SamPredictor.predict_torch` takes). Mask input alone gets SAM's ONNX padding point."""
-        self._require_image()
+        require_image(self.is_image_set)
         if points is None and boxes is None:
             points, labels = np.zeros((len(mask_input), 0, 2)), np.zeros((len(mask_input), 0))
         coords, token_labels = prompt_arrays(points, labels, boxes)
-        n, (h, w) = len(coords), self.features.shape[-2:]
-        feeds = {"image_embeddings": self.features, "point_coords": coords, "point_labels": token_labels,
-                 "mask_input": np.zeros((n, 1, 4 * h, 4 * w), np.float32), "has_mask_input": np.zeros(n, np.float32)}
-        if mask_input is not None:
-            feeds["mask_input"] = np.asarray(mask_input, np.float32).reshape(n, 1, 4 * h, 4 * w)
-            feeds["has_mask_input"] = np.ones(n, np.float32)
-        scores, low = self.decoder.run(None, feeds)
+        scores, low = self.decoder.run(None, decoder_feeds(self.features, coords, token_labels, mask_input))
         keep = MULTIMASK if multimask_output else SINGLE
         low, scores = low[:, keep], scores[:, keep]
         logits = upsample_logits(low, self.img_size, self.input_size, self.original_size)
@@ -173,7 +163,7 @@ class OnnxPredictor:
     def prior_box(self, point: np.ndarray) -> np.ndarray | None:
         """The granularity prior's box (xyxy, original frame) for a click (x, y); None when the
         bundle's rule gives the click no box."""
-        self._require_image()
+        require_image(self.is_image_set)
         if self.rpn is None:
             raise RuntimeError("prior_box needs the RPN: OnnxPredictor(bundle, rpn=True)")
         point_in = scale_coords(np.asarray(point, np.float64).reshape(1, 2), self.original_size, self.img_size)

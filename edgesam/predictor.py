@@ -12,8 +12,9 @@ from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 
 from edgesam.bundle import Bundle, BundleError
-from edgesam.inputs import as_rgb, check_prompt
+from edgesam.inputs import as_rgb, check_prompt, require_image
 from edgesam.models.rpn import PRIOR_RULES, RPN, prior_boxes, prior_proposals
+
 
 class EdgeSAMPredictor(SamPredictor):
     """A `SamPredictor` whose image pass also proposes boxes with the RPN (when given), so that
@@ -45,7 +46,7 @@ class EdgeSAMPredictor(SamPredictor):
                 box: np.ndarray | None = None, mask_input: np.ndarray | None = None, multimask_output: bool = True,
                 return_logits: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`SamPredictor.predict` after `edgesam.inputs.check_prompt` (boxes clipped to the image)."""
-        self._require_image()
+        require_image(self.is_image_set)
         points, labels, boxes = check_prompt(point_coords, point_labels, box, mask_input, self.original_size)
         return super().predict(points, labels, None if boxes is None else boxes[0], mask_input, multimask_output,
                                return_logits)
@@ -57,7 +58,7 @@ class EdgeSAMPredictor(SamPredictor):
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """N objects in one decoder pass: point sets (N, P, 2) with labels (N, P) and / or boxes (N, 4)
         in pixels -> masks (N, C, H, W), scores (N, C), low-res logits (N, C, 256, 256)."""
-        self._require_image()
+        require_image(self.is_image_set)
         points, labels, boxes = check_prompt(point_coords, point_labels, boxes, mask_input, self.original_size,
                                              batched=True)
 
@@ -71,10 +72,6 @@ class EdgeSAMPredictor(SamPredictor):
         outputs = self.predict_torch(tensor(points, torch.float), tensor(labels, torch.int), tensor(boxes, torch.float),
                                      tensor(mask_input, torch.float), multimask_output, return_logits)
         return tuple(t.cpu().numpy() for t in outputs)  # type: ignore[return-value]
-
-    def _require_image(self) -> None:
-        if not self.is_image_set:
-            raise RuntimeError("an image must be set with set_image(...) before predicting")
 
     def prior_box(self, point: np.ndarray) -> np.ndarray | None:
         """The granularity-prior box (xyxy, original frame) for a click (x, y); None when the

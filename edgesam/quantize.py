@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -27,6 +26,7 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 from segment_anything.modeling import Sam
 
 from edgesam.artifacts import atomic_path
+from edgesam.export import export_encoder
 
 QUANTIZED_OPS = ["Conv", "MatMul", "Gemm"]
 MIN_QUANT_OPSET = 20  # opset 20 has the Gelu operator
@@ -49,22 +49,25 @@ class ImageCalibration(CalibrationDataReader):
         self._iter: Iterator[np.ndarray] = iter(self.inputs)
 
 
-def quantize_encoder(sam: Sam, path: Path, calibration: Iterable[np.ndarray], per_channel: bool,
-                     method: str = "minmax", opset: int = 17) -> None:
-    """Write the fused encoder of `sam` as a static int8 QDQ graph calibrated on `calibration`."""
-    from edgesam.export import export_encoder  # the export module imports this one's users
+def prepare_encoder(sam: Sam, tmp: Path, opset: int = 17) -> Path:
+    """The fused encoder of `sam` at opset >= 20, pre-processed for quantization (shape
+    inference, folding) in `tmp`: once for every weight mode `quantize_encoder` then writes."""
+    source, prepared = Path(tmp) / "encoder_source.onnx", Path(tmp) / "encoder_prepared.onnx"
+    export_encoder(sam, source, max(opset, MIN_QUANT_OPSET))
+    quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+    return prepared
 
+
+def quantize_encoder(prepared: Path, path: Path, calibration: Iterable[np.ndarray], per_channel: bool,
+                     method: str = "minmax") -> None:
+    """Write `prepare_encoder`'s graph as a static int8 QDQ graph calibrated on `calibration`."""
     reader = ImageCalibration(calibration)
     if not reader.inputs:
         raise ValueError("int8 calibration needs at least one image")
-    with tempfile.TemporaryDirectory() as tmp:
-        source, prepared = Path(tmp) / "encoder.onnx", Path(tmp) / "encoder_prepared.onnx"
-        export_encoder(sam, source, max(opset, MIN_QUANT_OPSET))
-        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        with atomic_path(path) as out:
-            quantize_static(str(prepared), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CALIBRATION[method], op_types_to_quantize=QUANTIZED_OPS)
+    with atomic_path(path) as out:
+        quantize_static(str(prepared), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CALIBRATION[method], op_types_to_quantize=QUANTIZED_OPS)
 
 
 def to_fp16(source: Path, path: Path) -> None:

@@ -325,7 +325,8 @@ def model_card(config: dict[str, Any], evaluation: dict[str, Any], parity: dict[
         f"prompt (merge rule `{prior['merge']}`).", "",
         "## Files", "",
         f"Accuracy: box and point mIoU of each file through the evaluation engine ({variants['pytorch']['annotations']} "
-        f"objects of the val split, protocol `{accuracy['protocol']['name']}`, {accuracy['protocol']['refine_iters']} corrective clicks); the other files of the variant are fp32. "
+        f"objects of the val split, protocol `{accuracy['protocol']['name']}`, "
+        f"{accuracy['protocol']['refine_iters']} corrective clicks); the other files of the variant are fp32. "
         f"int8: static QDQ, U8S8, calibrated on {accuracy['calibration_images']} {accuracy['calibration_split']} images; "
         f"weights {variants.get('int8_weights', '-')} (the better of those measured). fp16: inputs and outputs stay "
         "float32. Latency: onnxruntime CPU on this machine, median (x86 without AVX512-FP16 runs fp16 slower than fp32).",

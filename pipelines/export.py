@@ -31,13 +31,14 @@ log = logging.getLogger("edgesam.pipelines.export")
 
 def run(cfg: ExportConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     checkpoint = inputs["prompt_kd"].path / inputs["prompt_kd"].manifest["student"]
-    rpn = inputs["rpn"].manifest
+    rpn_checkpoint = inputs["rpn"].path / inputs["rpn"].manifest["rpn"]
     sam = load_edgesam(checkpoint)
     calibration = (s.image for s in iter_samples(list_shards(inputs["shard"].path, cfg.calibration_split)))
     check = shard_items(list_shards(inputs["shard"].path, "val"), cfg.check_images, cfg.check_annotations)
-    bundle = build_bundle(cfg, sam, checkpoint, load_rpn(inputs["rpn"].path / rpn["rpn"]), inputs["rpn"].path / rpn["rpn"],
-                          {"merge": rpn["merge"]}, calibration, check, out)
-    coreml = export_coreml(fused_copy(sam), out / COREML) if cfg.coreml else {"status": "skipped", "reason": "export.coreml is off"}
+    bundle = build_bundle(cfg, sam, checkpoint, load_rpn(rpn_checkpoint), rpn_checkpoint,
+                          inputs["rpn"].manifest["merge"], calibration, check, out)
+    coreml = (export_coreml(fused_copy(sam), out / COREML) if cfg.coreml
+              else {"status": "skipped", "reason": "export.coreml is off"})
     log.info("CoreML: %s", coreml.get("reason", coreml["status"]))
     config = bundle["config"]
     write_text_atomic(out / "MODEL_CARD.md", model_card(config, inputs["evaluate"].manifest, bundle["parity"],

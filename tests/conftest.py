@@ -67,7 +67,7 @@ def bundle_256(student_256, astronaut, tmp_path_factory):
     item = EvalItem("astronaut", astronaut, masks, np.array([[150, 100, 350, 300], [40, 320, 200, 480]], float))
     cfg = ExportConfig(calibration_images=1, latency_repeats=1)
     build_bundle(cfg, student_256, out / "student.pt", rpn, out / "rpn_in.pt",
-                 {"merge": "official"}, [astronaut], [item], out)
+                 "official", [astronaut], [item], out)
     (out / "student.pt").unlink()
     (out / "rpn_in.pt").unlink()
     return out

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import torch
 
 from edgesam.data.transforms import PIXEL_MEAN, PIXEL_STD, preprocess
-from dataclasses import asdict
-
 from edgesam.models.rpn import PRIOR_RULES, RPN, prior_boxes, proposals
 from edgesam.numpy_ops import preprocess as np_preprocess
 from edgesam.numpy_ops import upsample_logits

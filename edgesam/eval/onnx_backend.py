@@ -13,7 +13,7 @@ from torch import nn
 
 from edgesam.eval.engine import Segmenter
 from edgesam.models.decoding import MASK_SLICES
-from edgesam.numpy_ops import prompt_arrays
+from edgesam.numpy_ops import decoder_feeds, prompt_arrays
 
 
 class OnnxEncoder(nn.Module):
@@ -40,12 +40,8 @@ class OnnxDecode:
             return None if t is None else t.detach().cpu().numpy()
 
         coords, token_labels = prompt_arrays(array(points), array(labels), array(boxes))
-        n, (h, w) = len(coords), image_embeddings.shape[-2:]
-        has_mask = np.full(n, 0.0 if mask_input is None else 1.0, np.float32)
-        masks = np.zeros((n, 1, 4 * h, 4 * w), np.float32) if mask_input is None else array(mask_input)
-        scores, low = self.session.run(None, {"image_embeddings": array(image_embeddings), "point_coords": coords,
-                                              "point_labels": token_labels, "mask_input": masks,
-                                              "has_mask_input": has_mask})
+        feeds = decoder_feeds(array(image_embeddings), coords, token_labels, array(mask_input))
+        scores, low = self.session.run(None, feeds)
         keep = MASK_SLICES[num_outputs]
         return torch.from_numpy(low[:, keep]), torch.from_numpy(scores[:, keep])
 
