@@ -43,7 +43,7 @@ def proposals(scores: np.ndarray, boxes: np.ndarray, valid_hw: tuple[int, int], 
     kept_boxes[:, 0::2] = kept_boxes[:, 0::2].clip(0, valid_hw[1])
     kept_boxes[:, 1::2] = kept_boxes[:, 1::2].clip(0, valid_hw[0])
     kept_scores = scores[keep]
-    order = nms(kept_boxes, kept_scores, nms_iou) if nms_iou is not None else np.argsort(-kept_scores, kind="stable")
+    order = nms(kept_boxes, kept_scores, nms_iou) if nms_iou is not None else np.arange(len(keep))  # already sorted
     chosen = order[:max_proposals]
     return kept_boxes[chosen], kept_scores[chosen]
 

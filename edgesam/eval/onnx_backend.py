@@ -12,6 +12,7 @@ from segment_anything.modeling import Sam
 from torch import nn
 
 from edgesam.eval.engine import Segmenter
+from edgesam.export import session
 from edgesam.models.decoding import MASK_SLICES
 from edgesam.numpy_ops import decoder_feeds, prompt_arrays
 
@@ -49,12 +50,7 @@ class OnnxDecode:
 def onnx_segmenter(name: str, sam: Sam, encoder: Path, decoder: Path, threads: int | None = None) -> Segmenter:
     """A `Segmenter` whose encoder and decoder are exported files; `sam` lends the pre- and
     post-processing (input size, mask upsampling, threshold), not its weights."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-
-    def load(path: Path) -> ort.InferenceSession:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    shell = Sam(OnnxEncoder(load(encoder), sam.image_encoder.img_size), sam.prompt_encoder, sam.mask_decoder,
-                pixel_mean=sam.pixel_mean.flatten().tolist(), pixel_std=sam.pixel_std.flatten().tolist())
-    return Segmenter(name, shell.eval(), decoder=OnnxDecode(load(decoder)))
+    shell = Sam(OnnxEncoder(session(encoder, threads), sam.image_encoder.img_size), sam.prompt_encoder,
+                sam.mask_decoder, pixel_mean=sam.pixel_mean.flatten().tolist(),
+                pixel_std=sam.pixel_std.flatten().tolist())
+    return Segmenter(name, shell.eval(), decoder=OnnxDecode(session(decoder, threads)))
