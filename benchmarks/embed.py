@@ -20,7 +20,7 @@ images/s and peak GPU memory (bare loop over random inputs).
 `--zero-cost-teacher`: the stage's own work at 1024 px with an encoder that returns one
 constant 256x64x64 tensor, so only reading, decoding, preprocessing, serializing and writing
 count. The teacher is `ConstantTeacher`, a `TeacherSource` defined here whose `load()` builds
-that encoder; it is handed to `edgesam.data.embeddings.embed_shards` (what the stage's `run`
+that encoder; it is handed to `edgesam.tasks.embed.embed_shards` (what the stage's `run`
 calls after listing the shards), so no benchmark code reaches the library. Inputs: `--images`
 samples at 1024 (longest side, JPEG quality 95 as the shard stage writes them; 16 generated
 scenes repeated under distinct keys) in 8 shards. Reported: images/s with 1 and 2 actors (end
@@ -93,8 +93,8 @@ STAGE_SCRIPT = textwrap.dedent("""
     runtime = RuntimeConfig(num_workers=1, object_store_mb=256)
     if spec["teacher"] is None:  # the zero-cost teacher: the library's embed_shards, Ray started first
         from benchmarks.embed import ConstantTeacher, shard_jobs
-        from edgesam.data.embeddings import embed_shards
-        from edgesam.train import connect_ray
+        from edgesam.tasks.embed import embed_shards
+        from edgesam.cluster import connect_ray
         connect_ray(runtime)
         jobs = shard_jobs(Path(spec["shard"]), Path(spec["out"]))
         def stage():
@@ -278,7 +278,7 @@ def bare_writer(shard_dir: Path, out: Path, batch: int, threads: int) -> dict[st
     """The zero-cost stage's work in one loop, no Ray, no threads: read each input shard, decode and
     preprocess, encode (constant), serialize float16 npy, write the tar through `write_shard`
     with its SHA-256 computed on the way, as the actors do."""
-    from edgesam.data.embeddings import EMBEDDING, encode_npy, teacher_input, write_shard
+    from edgesam.tasks.embed import EMBEDDING, encode_npy, teacher_input, write_shard
     from edgesam.data.shards import iter_raw
 
     torch.set_num_threads(threads)

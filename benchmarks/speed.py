@@ -172,10 +172,10 @@ def write_bundle(student: Any, out: Path, calibration: list[Any]) -> None:
     """A bundle of `student` for the ONNX rows: fp32 / int8 / fp16 encoders, client and compact
     decoders, config.json (no checks: the export stage does those)."""
     from edgesam.artifacts import write_json_atomic
-    from edgesam.bundle import CONFIG, file_entry
-    from edgesam.deploy import bundle_config, encoder_inputs
-    from edgesam.export import export_compact_decoder, export_encoder, export_prompt_decoder
-    from edgesam.quantize import prepare_encoder, quantize_encoder, to_fp16
+    from edgesam.client.bundle import CONFIG, file_entry
+    from edgesam.export.bundle import bundle_config, encoder_inputs
+    from edgesam.export.onnx import export_compact_decoder, export_encoder, export_prompt_decoder
+    from edgesam.export.quantize import prepare_encoder, quantize_encoder, to_fp16
 
     print("exporting the fused student to ONNX (fp32, int8 calibrated on 4 photos, fp16) ...", flush=True)
     export_encoder(student, out / "encoder.onnx")
@@ -201,10 +201,10 @@ def onnx_rows(student: Any, m_student: Any, m_image: Any, m_emb: Any, m_box: Any
     from skimage import data as photos
 
     from edgesam.eval.speed import params_m
-    from edgesam.export import session
+    from edgesam.export.onnx import session
     from edgesam.models.decoding import decode
-    from edgesam.numpy_ops import decoder_feeds, prompt_arrays
-    from edgesam.onnx_predictor import OnnxPredictor
+    from edgesam.client.transforms import decoder_feeds, prompt_arrays
+    from edgesam.client.predictor import OnnxPredictor
 
     encoder_params = params_m(student.image_encoder)
     decoder_params = params_m(student.prompt_encoder) + params_m(student.mask_decoder)

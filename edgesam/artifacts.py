@@ -84,7 +84,7 @@ def fingerprint(stage: str, config: Any, upstream: Mapping[str, str], code: str)
 
 
 def file_digests(path: Path, chunk: int = 1 << 24) -> tuple[str, str]:
-    """(sha256, md5) hex digests of a file, read once (the pipeline's hashing; bundles: `edgesam.bundle.sha256`)."""
+    """(sha256, md5) hex digests of a file, read once (the pipeline's hashing; bundles: `edgesam.client.bundle.sha256`)."""
     sha, md5 = hashlib.sha256(), hashlib.md5()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -195,3 +195,14 @@ class ArtifactStore:
 
     def artifact(self, stage: str, fp: str) -> Artifact:
         return Artifact(stage, fp, self.root / stage / fp)
+
+    def upstream(self, artifact: Artifact, stage: str) -> Artifact:
+        """The artifact of `stage` that `artifact`'s manifest names as its input."""
+        return self.artifact(stage, artifact.manifest["upstream"][stage])
+
+    @classmethod
+    def of(cls, artifact_dir: str | Path) -> tuple["ArtifactStore", Artifact]:
+        """The store holding the artifact folder `root/<stage>/<fingerprint>`, and that artifact."""
+        path = Path(artifact_dir).expanduser().resolve()
+        store = cls(path.parents[1])
+        return store, store.artifact(path.parent.name, path.name)

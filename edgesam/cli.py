@@ -67,9 +67,22 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
 
 
 def cmd_teacher_pack(args: argparse.Namespace) -> None:
-    from edgesam.models.reference import pack_teacher_artifact
+    """Pack a committed synthetic teacher artifact as the reference teacher: the benchmark is the
+    data artifact upstream of its shards (checksum) at the shards' size; val and recipe its own."""
+    from edgesam.artifacts import ArtifactStore
+    from edgesam.models.checkpoint import TeacherCheckpointError
+    from edgesam.models.reference import pack_reference
 
-    meta = pack_teacher_artifact(args.artifact, args.out)
+    store, teacher = ArtifactStore.of(args.artifact)
+    manifest = teacher.manifest
+    if manifest.get("kind") != "synthetic":
+        raise TeacherCheckpointError(f"{teacher.path} is a {manifest.get('kind')} teacher, not one trained here")
+    shard = store.upstream(teacher, "shard")
+    data = store.upstream(shard, "data").manifest
+    benchmark = {"data_checksum": data["checksum"], "target_size": shard.manifest["target_size"]}
+    recipe = {"teacher": manifest["config"], "steps": manifest["train"]["steps"],
+              "train_seconds": manifest["train"].get("train_seconds", manifest["train"].get("seconds"))}
+    meta = pack_reference(teacher.path / manifest["checkpoint"], args.out, benchmark, manifest["val"], recipe)
     print(json.dumps({k: meta[k] for k in ("arch", "sha256", "bytes", "benchmark", "val")}, indent=2))
 
 

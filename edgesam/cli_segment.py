@@ -60,7 +60,7 @@ def _torch_device(device: str) -> str:
 def torch_predictor(checkpoint: Path, rpn: bool, rpn_checkpoint: Path | None, device: str) -> Any:
     """`EdgeSAMPredictor` of a bundle folder (its files checked against config.json) or of a
     checkpoint; with `rpn`, the RPN of the bundle, beside the checkpoint, or given."""
-    from edgesam.bundle import CHECKPOINT, RPN_CHECKPOINT, BundleError
+    from edgesam.client.bundle import CHECKPOINT, RPN_CHECKPOINT, BundleError
     from edgesam.models.checkpoint import CheckpointError, read_checkpoint
     from edgesam.models.edgesam import load_edgesam
     from edgesam.models.rpn import load_rpn
@@ -90,13 +90,13 @@ def torch_predictor(checkpoint: Path, rpn: bool, rpn_checkpoint: Path | None, de
 
 def make_predictor(args: argparse.Namespace, rpn: bool) -> Any:
     """The predictor of `--backend` (torch: the checkpoint; onnx: the bundle folder it is in)."""
-    from edgesam.bundle import BundleError
+    from edgesam.client.bundle import BundleError
 
     if args.backend == "torch":
         return torch_predictor(args.checkpoint, rpn, args.rpn_checkpoint, args.device)
     if args.rpn_checkpoint is not None:
         raise SystemExit("error: --rpn-checkpoint is for --backend torch; the onnx backend uses the bundle's rpn.onnx")
-    from edgesam.onnx_predictor import OnnxPredictor
+    from edgesam.client.predictor import OnnxPredictor
 
     try:
         return OnnxPredictor(bundle_dir(args.checkpoint), encoder_precision=args.precision, rpn=rpn, device=args.device)
@@ -142,7 +142,7 @@ def _prompts(args: argparse.Namespace) -> tuple[np.ndarray | None, np.ndarray | 
 def predict_one(predictor: Any, image: np.ndarray, args: argparse.Namespace, points: np.ndarray | None,
                 labels: np.ndarray | None, boxes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Masks (K, H, W) and predicted IoU (K,) of the prompted objects, and the boxes used."""
-    from edgesam.inputs import PromptError
+    from edgesam.client.inputs import PromptError
 
     try:
         predictor.set_image(image)

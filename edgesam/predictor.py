@@ -1,5 +1,5 @@
 """`EdgeSAMPredictor`: segment-anything's `SamPredictor`, plus EdgeSAM's granularity prior,
-checked inputs (`edgesam.inputs`), N prompts per call and loading from an exported bundle."""
+checked inputs (`edgesam.client.inputs`), N prompts per call and loading from an exported bundle."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 
-from edgesam.bundle import Bundle, BundleError
-from edgesam.inputs import as_rgb, check_prompt, require_image
+from edgesam.client.bundle import Bundle, BundleError
+from edgesam.client.inputs import as_rgb, check_prompt, require_image
 from edgesam.models.rpn import PRIOR_RULES, RPN, prior_boxes, prior_proposals
 
 
@@ -26,7 +26,7 @@ class EdgeSAMPredictor(SamPredictor):
         self.proposals: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def set_image(self, image: Any, image_format: str = "RGB") -> None:
-        """`SamPredictor.set_image` after `edgesam.inputs.as_rgb` (greyscale, RGBA, PIL, BGR)."""
+        """`SamPredictor.set_image` after `edgesam.client.inputs.as_rgb` (greyscale, RGBA, PIL, BGR)."""
         super().set_image(as_rgb(image, image_format))
 
     @torch.no_grad()
@@ -45,7 +45,7 @@ class EdgeSAMPredictor(SamPredictor):
     def predict(self, point_coords: np.ndarray | None = None, point_labels: np.ndarray | None = None,
                 box: np.ndarray | None = None, mask_input: np.ndarray | None = None, multimask_output: bool = True,
                 return_logits: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`SamPredictor.predict` after `edgesam.inputs.check_prompt` (boxes clipped to the image)."""
+        """`SamPredictor.predict` after `edgesam.client.inputs.check_prompt` (boxes clipped to the image)."""
         require_image(self.is_image_set)
         points, labels, boxes = check_prompt(point_coords, point_labels, box, mask_input, self.original_size)
         return super().predict(points, labels, None if boxes is None else boxes[0], mask_input, multimask_output,

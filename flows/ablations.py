@@ -4,7 +4,7 @@ Each variant is the `edgesam` flow (a subflow) with `stages=["prompt_kd"]` and o
 the `prompt_kd` section; embed, teacher and encoder_kd come from the cache (run the DAG
 first). The measurement is each run's own val report (the phase-2 student's box and point
 mIoU against ground truth and against the teacher, on the same val annotations), with
-bootstrap intervals and the paired difference to the baseline (`edgesam.report.ablation_rows`).
+bootstrap intervals and the paired difference to the baseline (`edgesam.eval.ablation.ablation_rows`).
 
     python -m flows.ablations --profile default        # or: prefect deployment run edgesam-ablations/default
 """
@@ -21,7 +21,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from edgesam.artifacts import write_json_atomic, write_text_atomic
 from edgesam.config import deep_merge
-from edgesam.report import ablation_rows, ablation_table
+from edgesam.eval.ablation import ablation_rows, ablation_table
 from flows.params import Profile
 from flows.pipeline import edgesam
 

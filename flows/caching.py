@@ -18,7 +18,7 @@ from prefect.context import TaskRunContext
 from prefect.states import State
 
 from edgesam.artifacts import ArtifactStore
-from edgesam.train.cluster import RayConnectionError
+from edgesam.cluster import RayConnectionError
 
 # errno values of I/O failures that a retry can cure (network filesystems, busy devices).
 TRANSIENT_ERRNOS = frozenset({

@@ -15,7 +15,7 @@ from prefect.states import Completed
 
 from edgesam.artifacts import Artifact, ArtifactStore
 from edgesam.config import CocoSource, PipelineConfig, RuntimeConfig
-from edgesam.train.cluster import connect_ray, resolve_device
+from edgesam.cluster import connect_ray, resolve_device
 from flows.caching import ManifestCache, retry_on_transient_io
 from flows.evaluation import publish_evaluation
 from flows.params import Profile, StageName, TeacherKind, pipeline_config

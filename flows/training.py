@@ -4,7 +4,7 @@
 its first logged training step and updated at every later one (the callback that
 `pipelines.stage.run_stage` hands to `edgesam.train.fit`). `edgesam-curves-<profile>`: the
 training curves of the run's training stages, read from their manifests and plotted by
-`edgesam.report`, with the plot inlined.
+`edgesam.eval.report`, with the plot inlined.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from uuid import UUID
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
 from edgesam.artifacts import Artifact
-from edgesam.report import CURVES_PLOT, TRAINING_STAGES, curves_section, plot_training_curves, training_curve
+from edgesam.eval.plots import plot_training_curves
+from edgesam.eval.report import CURVES_PLOT, TRAINING_STAGES
+from edgesam.eval.tables import curves_section, training_curve
 from flows.evaluation import embed_images
 
 
@@ -52,6 +54,6 @@ def publish_training_curves(artifacts: list[Artifact], profile: str) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         plot_training_curves(curves, Path(tmp) / CURVES_PLOT)
-        body = embed_images("\n".join(curves_section(curves)), Path(tmp))
+        body = embed_images("\n".join(curves_section(curves, CURVES_PLOT)), Path(tmp))
     create_markdown_artifact(f"# edgesam training, profile `{profile}`\n\n{body}", key=artifact_key("curves", profile),
                              description="loss and IoU per logged step of the training stages")

@@ -2,7 +2,7 @@
 
 An actor pool (one GPU per actor when the cluster has GPUs) takes the shard stage's shards one
 by one: each actor reads its input shard, runs the teacher's image encoder and writes the
-distillation shard itself (`edgesam.data.embeddings`), so this driver receives only per-shard
+distillation shard itself (`edgesam.tasks.embed`), so this driver receives only per-shard
 summaries, never embeddings. Actors write into the artifact directory directly: on a cluster it
 must be on a filesystem every node shares. A shard is committed only when complete, so a rerun
 after a kill recomputes only the missing ones.
@@ -21,10 +21,10 @@ from tqdm import tqdm
 
 from edgesam.artifacts import Artifact, sha256_file
 from edgesam.config import EmbedConfig, RuntimeConfig
-from edgesam.data.embeddings import embed_shards
+from edgesam.tasks.embed import embed_shards
 from edgesam.data.shards import SPLITS
 from edgesam.models.teacher import TeacherSource
-from edgesam.train import connect_ray, use_gpu
+from edgesam.cluster import connect_ray, use_gpu
 
 STAGE = "embed"
 UPSTREAM = ("shard", "teacher")

@@ -31,7 +31,8 @@ from edgesam.metrics import summarize
 from edgesam.models.edgesam import load_edgesam
 from edgesam.models.rpn import PRIOR_RULES, load_rpn
 from edgesam.models.teacher import TeacherSource
-from edgesam.report import TRAINING_STAGES, training_curve, write_report
+from edgesam.eval.report import TRAINING_STAGES, write_report
+from edgesam.eval.tables import training_curve
 
 STAGE = "evaluate"
 UPSTREAM = ("data", "shard", "teacher", "encoder_kd", "prompt_kd", "rpn")

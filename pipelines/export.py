@@ -1,4 +1,4 @@
-"""Stage `export`: the deployable bundle of the phase-2 student (`edgesam.deploy.build_bundle`).
+"""Stage `export`: the deployable bundle of the phase-2 student (`edgesam.export.bundle.build_bundle`).
 
 fp32 ONNX files checked against PyTorch (a parity break fails the stage, so no bundle with
 broken files is committed), the int8 encoder calibrated on the shard artifact's images, fp16
@@ -15,12 +15,12 @@ from typing import Any
 from edgesam.artifacts import Artifact, write_text_atomic
 from edgesam.config import ExportConfig, RuntimeConfig
 from edgesam.data.shards import iter_samples, list_shards
-from edgesam.deploy import build_bundle
+from edgesam.export.bundle import build_bundle
 from edgesam.eval.datasets import shard_items
-from edgesam.export import export_coreml, fused_copy
+from edgesam.export.onnx import export_coreml, fused_copy
 from edgesam.models.edgesam import load_edgesam
 from edgesam.models.rpn import load_rpn
-from edgesam.report import model_card
+from edgesam.export.model_card import model_card
 
 STAGE = "export"
 UPSTREAM = ("shard", "prompt_kd", "rpn", "evaluate")

@@ -27,7 +27,7 @@ from typing import Iterable
 
 from edgesam.artifacts import Artifact, ArtifactStore, clear_partial_writes, code_version, fingerprint
 from edgesam.config import STAGES, PipelineConfig, cache_view
-from edgesam.train.cluster import resolve_device
+from edgesam.cluster import resolve_device
 from edgesam.train.progress import ProgressCallback, reporting_progress
 
 log = logging.getLogger("edgesam.pipelines")

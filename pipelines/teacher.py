@@ -28,6 +28,7 @@ from edgesam.train import fit, training_key, training_summary
 
 STAGE = "teacher"
 UPSTREAM = ("shard",)
+REFERENCE_TEACHER = Path(__file__).resolve().parents[1] / "data" / "reference_teacher" / "reference_teacher.pt"
 
 log = logging.getLogger("edgesam.pipelines.teacher")
 
@@ -54,7 +55,7 @@ def run(cfg: TeacherConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact],
     if cfg.kind == "synthetic":
         return _train_reference(cfg, runtime, shard, out)
     if cfg.kind == "reference":
-        return describe_reference(cfg.checkpoint, cfg.sha256, cfg.allow_unverified, shard.manifest)
+        return describe_reference(cfg.checkpoint or REFERENCE_TEACHER, cfg.sha256, cfg.allow_unverified, shard.manifest)
     return describe_sam_teacher(cfg.kind, cfg.checkpoint, cfg.sha256, cfg.allow_unverified,
                                 int(shard.manifest["target_size"]))
 

@@ -51,7 +51,7 @@ def bundle_256(student_256, astronaut, tmp_path_factory):
     """An exported bundle (fp32, int8 with both weight modes measured, fp16) of `student_256` with
     a random RPN that proposes boxes everywhere."""
     from edgesam.config import ExportConfig
-    from edgesam.deploy import build_bundle
+    from edgesam.export.bundle import build_bundle
     from edgesam.eval.datasets import EvalItem
     from edgesam.models.rpn import build_rpn, save_rpn
     from edgesam.models.edgesam import save_edgesam

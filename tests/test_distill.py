@@ -3,11 +3,11 @@ import copy
 import pytest
 import torch
 
-import edgesam.distill as distill
+import edgesam.objectives.distill as distill
 from edgesam.config import PromptKDConfig
-from edgesam.distill import encoder_kd_loss, prompt_in_the_loop_loss, valid_on_grid
+from edgesam.objectives.distill import encoder_kd_loss, prompt_in_the_loop_loss, valid_on_grid
 from edgesam.models.tiny_sam import build_tiny_sam
-from edgesam.prompts import PAD_LABEL, Prompts
+from edgesam.objectives.prompts import PAD_LABEL, Prompts
 
 IMG = 64  # embeddings 4 x 4, low-res masks 16 x 16
 

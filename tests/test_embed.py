@@ -14,7 +14,7 @@ from PIL import Image
 
 from edgesam.artifacts import Artifact, ArtifactStore, clear_partial_writes, sha256_file, temp_path
 from edgesam.config import EmbedConfig, RuntimeConfig, load_profile
-from edgesam.data.embeddings import EMBEDDING, encode_npy, write_shard
+from edgesam.tasks.embed import EMBEDDING, encode_npy, write_shard
 from edgesam.data.shards import iter_raw, iter_samples, list_shards
 from edgesam.data.transforms import preprocess
 from edgesam.models.teacher import TeacherCheckpointError

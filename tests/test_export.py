@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from edgesam.data.transforms import preprocess
-from edgesam.export import (
+from edgesam.export.onnx import (
     ParityError,
     check_parity,
     export_coreml,
@@ -99,7 +99,7 @@ def test_export_stage_writes_a_checked_bundle(tmp_path):
     from stage_chain import LOCAL, upstream_chain
 
     from edgesam.artifacts import Artifact
-    from edgesam.bundle import Bundle
+    from edgesam.client.bundle import Bundle
     from edgesam.config import EvaluateConfig, ExportConfig
     from edgesam.models.edgesam import load_edgesam
     from edgesam.models.rpn import load_rpn

@@ -1,8 +1,13 @@
-"""The layering rules: library <- stage shells <- flows; stages stay thin and never import each other."""
+"""The layering rules: library <- stage shells <- flows; the library's layer order of
+docs/ARCHITECTURE.md; stages stay thin and never import each other."""
 
 from __future__ import annotations
 
 import ast
+import graphlib
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 from edgesam.config import STAGES
@@ -41,3 +46,62 @@ def test_the_library_and_the_stages_do_not_import_upwards():
 def test_stage_shells_stay_thin():
     lines = sum(len(p.read_text().splitlines()) for p in (REPO / "pipelines").glob("*.py"))
     assert lines <= MAX_PIPELINE_LINES, f"pipelines/ has {lines} lines"
+
+
+def layer_order() -> dict[str, int]:
+    """docs/ARCHITECTURE.md's layer table: module prefix -> layer (1 is the base)."""
+    text = (REPO / "docs" / "ARCHITECTURE.md").read_text().split("### Layer order", 1)[1]
+    layers = {}
+    for number, cells in re.findall(r"^\| (\d+) \| (.+) \|$", text, flags=re.M):
+        for name in re.findall(r"`([\w.]+)`", cells):
+            layers[name] = int(number)
+    return layers
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def library_imports(path: Path, modules: set[str]) -> set[str]:
+    """The library modules `path` imports, at any depth of its code; `from package import name`
+    counts as importing the submodule when `name` is one."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found & modules
+
+
+def layer_of(module: str, layers: dict[str, int]) -> int:
+    prefixes = [p for p in layers if module == p or module.startswith(p + ".")]
+    assert prefixes, f"{module} is in no layer of docs/ARCHITECTURE.md's layer order"
+    return layers[max(prefixes, key=len)]
+
+
+def test_no_library_import_runs_down_the_layers_or_in_a_cycle():
+    layers = layer_order()
+    paths = {module_name(p): p for p in (REPO / "edgesam").rglob("*.py")}
+    modules = set(paths)
+    graph = {m: library_imports(p, modules) - {m} for m, p in paths.items()}
+    for module, deps in graph.items():
+        if module == "edgesam":
+            continue
+        for dep in deps:
+            if dep in ("edgesam",) or module.startswith(dep + "."):  # a package's __init__
+                continue
+            assert layer_of(dep, layers) <= layer_of(module, layers), \
+                f"{module} (layer {layer_of(module, layers)}) imports {dep} (layer {layer_of(dep, layers)})"
+    order = graphlib.TopologicalSorter({m: {d for d in deps if not m.startswith(d + ".")} for m, deps in graph.items()})
+    order.prepare()  # raises graphlib.CycleError naming the cycle
+
+
+def test_the_client_imports_neither_torch_nor_pydantic():
+    modules = sorted(module_name(p) for p in (REPO / "edgesam" / "client").glob("*.py"))
+    script = ("import sys\nsys.modules.update(torch=None, pydantic=None)\n"
+              + "".join(f"import {m}\n" for m in modules)
+              + "assert not {'torch', 'pydantic', 'edgesam.config'} & {k for k, v in sys.modules.items() if v}\n")
+    subprocess.run([sys.executable, "-c", script], cwd=REPO, check=True)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss as tv_focal
 
-from edgesam.losses import (
+from edgesam.objectives.losses import (
     bce_loss,
     dice_loss,
     iou_head_loss,

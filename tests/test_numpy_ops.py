@@ -9,11 +9,11 @@ import torch
 
 from edgesam.data.transforms import PIXEL_MEAN, PIXEL_STD, preprocess
 from edgesam.models.rpn import PRIOR_RULES, RPN, prior_boxes, proposals
-from edgesam.numpy_ops import preprocess as np_preprocess
-from edgesam.numpy_ops import upsample_logits
-from edgesam.numpy_rpn import prior_boxes as np_prior_boxes
-from edgesam.numpy_rpn import proposals as np_proposals
-from edgesam.onnx_modules import RPNGraph
+from edgesam.client.transforms import preprocess as np_preprocess
+from edgesam.client.transforms import upsample_logits
+from edgesam.client.prior import prior_boxes as np_prior_boxes
+from edgesam.client.prior import proposals as np_proposals
+from edgesam.export.modules import RPNGraph
 
 
 def test_preprocess_is_segment_anythings(coffee, astronaut):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgesam.export import _as_decode_prompts, export_prompt_decoder, export_sam_decoder
-from edgesam.graph_checks import StaticShapeError, check_static_shapes, float_shape_operands
+from edgesam.export.onnx import _as_decode_prompts, export_prompt_decoder, export_sam_decoder
+from edgesam.export.graph_checks import StaticShapeError, check_static_shapes, float_shape_operands
 from edgesam.models.decoding import decode
-from edgesam.onnx_decoder import PromptDecoder
+from edgesam.export.decoder import PromptDecoder
 
 TOLERANCE = 1e-4  # float reordering only: measured ~3e-7 on logits of magnitude ~0.4
 

@@ -11,9 +11,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from edgesam.bundle import BundleError
-from edgesam.inputs import PromptError
-from edgesam.onnx_predictor import OnnxPredictor
+from edgesam.client.bundle import BundleError
+from edgesam.client.inputs import PromptError
+from edgesam.client.predictor import OnnxPredictor
 from edgesam.predictor import EdgeSAMPredictor
 
 LOGIT_ATOL = 1e-3  # fp32 onnxruntime vs PyTorch, low-res logits (measured ~1e-5)
@@ -94,7 +94,7 @@ TORCH_FREE = textwrap.dedent("""
                 raise ImportError(f"{name} is blocked in this test")
 
     sys.meta_path.insert(0, Blocked())
-    from edgesam.onnx_predictor import OnnxPredictor
+    from edgesam.client.predictor import OnnxPredictor
 
     bundle, image, out = sys.argv[1:4]
     predictor = OnnxPredictor(bundle, rpn=True)

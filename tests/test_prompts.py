@@ -3,7 +3,7 @@ import random
 import pytest
 import torch
 
-from edgesam.prompts import (
+from edgesam.objectives.prompts import (
     PAD_LABEL,
     Prompts,
     choose_prompt_kind,

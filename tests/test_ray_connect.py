@@ -24,8 +24,8 @@ from typing import Iterator
 import pytest
 
 from edgesam.config import RuntimeConfig
-from edgesam.train import cluster
-from edgesam.train.cluster import RAY_GCS_WAIT_ENV, RayConnectionError, connect_ray
+from edgesam import cluster
+from edgesam.cluster import RAY_GCS_WAIT_ENV, RayConnectionError, connect_ray
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).with_name("ray")
@@ -281,7 +281,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def test_a_refused_join_is_not_retried_as_transient_io():
-    from edgesam.train.cluster import RayConnectionError
+    from edgesam.cluster import RayConnectionError
     from flows.caching import is_transient_io_error
 
     assert is_transient_io_error(ConnectionResetError())

@@ -8,11 +8,14 @@ from edgesam.artifacts import file_digests
 from edgesam.config import load_profile
 from edgesam.eval.speed import model_speed
 from edgesam.models.edgesam import build_edgesam
-from edgesam.models.reference import META, REFERENCE_DIR, WEIGHTS, load_reference, reference_metadata, verify_reference
+from edgesam.models.reference import META, WEIGHTS, load_reference, reference_metadata, verify_reference
+from pipelines.teacher import REFERENCE_TEACHER
+
+REFERENCE_DIR = REFERENCE_TEACHER.parent
 
 
 def test_card_metadata_and_file_agree():
-    meta = reference_metadata()
+    meta = reference_metadata(REFERENCE_DIR)
     digest, _ = file_digests(REFERENCE_DIR / WEIGHTS)
     assert digest == meta["sha256"] and (REFERENCE_DIR / WEIGHTS).stat().st_size == meta["bytes"] <= 31e6
     card = (REFERENCE_DIR / "CARD.md").read_text()

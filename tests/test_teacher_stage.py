@@ -142,7 +142,7 @@ def test_reference_teacher_on_another_benchmark_warns(shard_artifact, tmp_path, 
 
 
 def test_interior_points_and_corrective_clicks_sample_the_right_regions():
-    from edgesam.prompts import error_region_clicks, interior_points
+    from edgesam.objectives.prompts import error_region_clicks, interior_points
 
     target = torch.zeros(3, 16, 16, dtype=torch.bool)
     target[:, 4:8, 4:8] = True

@@ -55,7 +55,7 @@ def map_unordered(fn: Callable[[Unit], dict], tasks: list[Unit], workers: int,
     import ray
 
     if ray.is_initialized() or runtime.ray_address or os.environ.get("RAY_ADDRESS"):
-        from edgesam.train.cluster import connect_ray
+        from edgesam.cluster import connect_ray
 
         connect_ray(runtime)
         remote = ray.remote(num_cpus=1)(fn)

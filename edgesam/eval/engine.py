@@ -146,14 +146,14 @@ class Encoded:
 class Segmenter:
     """A SAM-family model under evaluation, optionally with the RPN granularity prior.
 
-    `decoder` has `decode`'s signature; `edgesam.eval.onnx_backend` swaps in exported files.
+    `decoder` has `decode`'s signature; `edgesam.export.onnx_backend` swaps in exported files.
     """
 
     name: str
     sam: Sam
     rpn: RPN | None = None
     rule: PriorRule = PRIOR_RULES["official"]
-    decoder: Callable[..., tuple[torch.Tensor, torch.Tensor]] = decode  # e.g. an ONNX file's (eval/onnx_backend)
+    decoder: Callable[..., tuple[torch.Tensor, torch.Tensor]] = decode  # e.g. an ONNX file's (export/onnx_backend)
 
     @property
     def img_size(self) -> int:

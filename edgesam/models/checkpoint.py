@@ -12,6 +12,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, corrupt, or holds another model."""
 
 
+class TeacherCheckpointError(CheckpointError):
+    """A teacher checkpoint is missing, corrupt, or of another model."""
+
+
 def read_checkpoint(path: str | Path, what: str, error: type[CheckpointError] = CheckpointError) -> Any:
     """`torch.load(path, weights_only=True)`; `error` names the file when it is missing or unreadable."""
     path = Path(path)

@@ -1,4 +1,4 @@
-"""The reference teacher shipped with the project (`data/reference_teacher/`, see its CARD.md).
+"""The reference teacher shipped with the project (the repository's `data/reference_teacher/`, see its CARD.md).
 
 A tiny SAM (segment-anything's ViT, prompt encoder and decoder) trained by the teacher stage
 on the embedded benchmark, stored as a float16 state dict beside `reference_teacher.json`,
@@ -17,17 +17,15 @@ from typing import Any
 from segment_anything.modeling import Sam
 
 from edgesam.artifacts import atomic_torch_save, file_digests, write_json_atomic
-from edgesam.models.checkpoint import check_state, read_checkpoint
-from edgesam.models.teacher import TeacherCheckpointError
+from edgesam.models.checkpoint import TeacherCheckpointError, check_state, read_checkpoint
 from edgesam.models.tiny_sam import build_tiny_sam, load_tiny_sam, tiny_sam_config
 
 log = logging.getLogger(__name__)
 
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "data" / "reference_teacher"
 WEIGHTS, META = "reference_teacher.pt", "reference_teacher.json"
 
 
-def reference_metadata(directory: Path = REFERENCE_DIR) -> dict[str, Any]:
+def reference_metadata(directory: Path) -> dict[str, Any]:
     """The shipped reference teacher's metadata (architecture, sha256, benchmark, val mIoU)."""
     path = Path(directory) / META
     if not path.is_file():
@@ -67,11 +65,11 @@ def load_reference(path: Path) -> Sam:
     return load_reference_sam(path, reference_metadata(Path(path).parent)["arch"])
 
 
-def describe_reference(checkpoint: Path | None, sha256: str | None, allow_unverified: bool,
+def describe_reference(checkpoint: Path, sha256: str | None, allow_unverified: bool,
                        shard_manifest: dict[str, Any]) -> dict[str, Any]:
     """Verify the reference teacher once and describe it for the teacher stage's manifest,
     warning when the shards are not the benchmark it was trained on."""
-    path = Path(checkpoint or REFERENCE_DIR / WEIGHTS).expanduser().resolve()
+    path = Path(checkpoint).expanduser().resolve()
     digest, meta = verify_reference(path, sha256, allow_unverified)
     load_reference_sam(path, meta["arch"])  # every key and shape checked
     trained_on = meta["benchmark"]
@@ -96,20 +94,3 @@ def pack_reference(trained: Path, out_dir: Path, benchmark: dict[str, Any], val:
             "benchmark": benchmark, "val": val, "recipe": recipe}
     write_json_atomic(Path(out_dir) / META, meta)
     return meta
-
-
-def pack_teacher_artifact(artifact_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """`pack_reference` of a committed synthetic teacher artifact: the benchmark is the data
-    artifact upstream of its shards (checksum) at the shards' size, the val figures and recipe
-    its manifest's."""
-    artifact_dir = Path(artifact_dir)
-    manifest = json.loads((artifact_dir / "manifest.json").read_text())
-    if manifest.get("kind") != "synthetic":
-        raise TeacherCheckpointError(f"{artifact_dir} is a {manifest.get('kind')} teacher, not one trained here")
-    root = artifact_dir.parents[1]
-    shard = json.loads((root / "shard" / manifest["upstream"]["shard"] / "manifest.json").read_text())
-    data = json.loads((root / "data" / shard["upstream"]["data"] / "manifest.json").read_text())
-    benchmark = {"data_checksum": data["checksum"], "target_size": shard["target_size"]}
-    recipe = {"teacher": manifest["config"], "steps": manifest["train"]["steps"],
-              "train_seconds": manifest["train"].get("train_seconds", manifest["train"].get("seconds"))}
-    return pack_reference(artifact_dir / manifest["checkpoint"], out_dir, benchmark, manifest["val"], recipe)

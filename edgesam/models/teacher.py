@@ -19,7 +19,8 @@ from segment_anything import sam_model_registry
 from segment_anything.modeling import Sam
 
 from edgesam.artifacts import Artifact, file_digests
-from edgesam.models.checkpoint import CheckpointError, check_state, read_checkpoint
+from edgesam.models.checkpoint import TeacherCheckpointError, check_state, read_checkpoint
+from edgesam.models.reference import load_reference
 from edgesam.models.tiny_sam import load_tiny_sam
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,6 @@ OFFICIAL_CHECKPOINTS = {
     "vit_l": ("sam_vit_l_0b3195.pth", "0b3195507c641ddb6910d2bb5adee89c"),
     "vit_b": ("sam_vit_b_01ec64.pth", "01ec64d29a2fca3f0661936605ae66f8"),
 }
-
-
-class TeacherCheckpointError(CheckpointError):
-    """A teacher checkpoint is missing, corrupt, or of another model."""
 
 
 def _check_kind(kind: str) -> None:
@@ -101,8 +98,6 @@ def build_teacher(kind: str, path: Path) -> Sam:
     if kind == SYNTHETIC:
         return load_tiny_sam(Path(path), TeacherCheckpointError).eval()
     if kind == REFERENCE:
-        from edgesam.models.reference import load_reference
-
         return load_reference(Path(path))
     return load_sam_checkpoint(kind, path)
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from edgesam.config import EncoderKDConfig
 from edgesam.data.shards import SampleDataset
-from edgesam.distill import encoder_kd_loss
+from edgesam.objectives.distill import encoder_kd_loss
 from edgesam.models.edgesam import build_edgesam, edgesam_config, save_edgesam
 from edgesam.models.official import load_student
 from edgesam.models.student import StudentEncoder

@@ -14,11 +14,11 @@ from torch import nn
 
 from edgesam.config import PromptKDConfig
 from edgesam.data.shards import Sample, SampleDataset
-from edgesam.distill import prompt_in_the_loop_loss
+from edgesam.objectives.distill import prompt_in_the_loop_loss
 from edgesam.models.edgesam import save_edgesam
 from edgesam.models.official import load_student
 from edgesam.models.teacher import TeacherSource
-from edgesam.prompts import Prompts, choose_prompt_kind, gt_boxes, gt_points, sample_annotations
+from edgesam.objectives.prompts import Prompts, choose_prompt_kind, gt_boxes, gt_points, sample_annotations
 from edgesam.tasks.data import EmbedShards, embedding_example, loader
 from edgesam.tasks.encoder_kd import STUDENT_FILE
 

@@ -14,7 +14,7 @@ from edgesam.artifacts import Artifact
 from edgesam.config import TeacherConfig
 from edgesam.data.shards import iter_samples, list_shards
 from edgesam.models.tiny_sam import build_tiny_sam, save_tiny_sam, tie_cross_attention_init
-from edgesam.sam_recipe import RecipeWeights, interactive_loss, training_example
+from edgesam.objectives.sam_recipe import RecipeWeights, interactive_loss, training_example
 
 CHECKPOINT = "teacher.pt"
 

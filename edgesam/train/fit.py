@@ -12,7 +12,7 @@ import torch
 
 from edgesam.config import RuntimeConfig, TrainConfig
 from edgesam.train.checkpoint import NUM_TO_KEEP, TENSORBOARD, LocalRun, export_artifact, is_uri, run_storage
-from edgesam.train.cluster import connect_ray, use_gpu
+from edgesam.cluster import connect_ray, use_gpu
 from edgesam.train.loop import train_worker
 from edgesam.train.progress import ProgressCallback, ambient_progress, guarded, relay
 from edgesam.train.task import TrainTask
@@ -131,3 +131,10 @@ def training_summary(summary: dict[str, Any]) -> dict[str, Any]:
         "loss": loss,
         **({"tensorboard": summary["tensorboard"]} if summary.get("tensorboard") else {}),
     }
+
+
+def training_key(train: TrainConfig, runtime: RuntimeConfig) -> dict[str, Any]:
+    """The runtime settings that change a training stage's result: the seed, the number of
+    workers (the global batch and the scaled lr) and the precision (bf16 autocast on GPUs)."""
+    return {"seed": runtime.seed, "world_size": max(1, runtime.num_workers),
+            "precision": "bf16" if train.amp and runtime.use_gpu else "fp32"}

@@ -11,10 +11,10 @@ import torch
 from segment_anything.modeling import Sam
 from torch import nn
 
+from edgesam.client.transforms import decoder_feeds, prompt_arrays
 from edgesam.eval.engine import Segmenter
-from edgesam.export import session
+from edgesam.export.onnx import session
 from edgesam.models.decoding import MASK_SLICES
-from edgesam.numpy_ops import decoder_feeds, prompt_arrays
 
 
 class OnnxEncoder(nn.Module):

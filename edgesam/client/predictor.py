@@ -5,7 +5,7 @@ it deploys where PyTorch does not. One `set_image` runs the encoder (and, with t
 granularity prior, `rpn.onnx` on the encoder's pyramid outputs); each `predict` /
 `predict_batch` is one `decoder.onnx` call for any number of prompt sets, followed by the
 upsampling of `Sam.postprocess_masks` in numpy. Inputs are checked and converted as
-`edgesam.inputs` documents (greyscale / RGBA images, boxes past the border).
+`edgesam.client.inputs` documents (greyscale / RGBA images, boxes past the border).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from edgesam.bundle import Bundle, BundleError
-from edgesam.inputs import as_rgb, check_prompt, require_image
-from edgesam.numpy_ops import decoder_feeds, preprocess, prompt_arrays, scale_coords, upsample_logits
-from edgesam.numpy_rpn import prior_boxes, proposals
+from edgesam.client.bundle import Bundle, BundleError
+from edgesam.client.inputs import as_rgb, check_prompt, require_image
+from edgesam.client.prior import prior_boxes, proposals
+from edgesam.client.transforms import decoder_feeds, preprocess, prompt_arrays, scale_coords, upsample_logits
 
 PRECISIONS = ("fp32", "int8", "fp16")
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}

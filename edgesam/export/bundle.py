@@ -23,24 +23,24 @@ from segment_anything.modeling import Sam
 from skimage import data as sample_images
 
 from edgesam.artifacts import copy_atomic, write_json_atomic
-from edgesam.bundle import CHECKPOINT, CONFIG, FORMAT, RPN_CHECKPOINT, VERSION, file_entry
+from edgesam.client.bundle import CHECKPOINT, CONFIG, FORMAT, RPN_CHECKPOINT, VERSION, file_entry
 from edgesam.config import ExportConfig
 from edgesam.data.transforms import PIXEL_MEAN, PIXEL_STD, preprocess
 from edgesam.eval.datasets import EvalItem
 from edgesam.eval.engine import EvalProtocol, Segmenter, protocol
 from edgesam.eval.miou import evaluate
-from edgesam.eval.onnx_backend import onnx_segmenter
 from edgesam.eval.speed import model_speed
-from edgesam.export import (COMPACT_INPUTS, DECODER_INPUTS, SAM_DECODER_INPUTS, check_parity, export_onnx,
+from edgesam.export.onnx_backend import onnx_segmenter
+from edgesam.export.onnx import (COMPACT_INPUTS, DECODER_INPUTS, SAM_DECODER_INPUTS, check_parity, export_onnx,
                             fused_copy, ort_latency_ms, session)
+from edgesam.client.prior import PRE_NMS_TOP
+from edgesam.client.transforms import decoder_feeds, prompt_arrays
+from edgesam.export.quantize import prepare_encoder, quantize_encoder, to_fp16
 from edgesam.metrics import summarize
 from edgesam.models.edgesam import edgesam_config
 from edgesam.models.rpn import PRIOR_RULES, RPN
-from edgesam.numpy_ops import decoder_feeds, prompt_arrays
-from edgesam.numpy_rpn import PRE_NMS_TOP
-from edgesam.quantize import prepare_encoder, quantize_encoder, to_fp16
 
-log = logging.getLogger("edgesam.deploy")
+log = logging.getLogger("edgesam.export.bundle")
 DESCRIPTIONS = {
     "encoder": "image (1, 3, S, S) -> image_embeddings, features_s8/s16/s32",
     "decoder": "N prompt sets per call -> scores (N, 4), low-res masks (N, 4, S/4, S/4); static shapes",
@@ -166,7 +166,7 @@ def _entries(fused: Sam, files: dict[str, Path], miou: dict[str, Any], repeats: 
 
 
 def bundle_config(sam: Sam, entries: dict[str, Any], merge: str, opset: int) -> dict[str, Any]:
-    """config.json of a bundle: what a client needs besides the files (`edgesam.bundle` reads it);
+    """config.json of a bundle: what a client needs besides the files (`edgesam.client.bundle` reads it);
     `merge` names the prior's rule (`PRIOR_RULES`), whose settings the client applies."""
     return {
         "format": FORMAT, "version": VERSION, "model": edgesam_config(sam), "img_size": sam.image_encoder.img_size,

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 
 from edgesam.config import PromptKDConfig
-from edgesam.losses import bce_loss, dice_loss, masked_mse
 from edgesam.metrics import mask_iou
 from edgesam.models.decoding import decode
-from edgesam.prompts import Prompts, disagreement_points
+from edgesam.objectives.losses import bce_loss, dice_loss, masked_mse
+from edgesam.objectives.prompts import Prompts, disagreement_points
 
 
 def valid_on_grid(valid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

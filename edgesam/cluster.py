@@ -9,11 +9,11 @@ import platform
 import socket
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
-from edgesam.config import RuntimeConfig, TrainConfig
+from edgesam.config import RuntimeConfig
 
-log = logging.getLogger("edgesam.train")
+log = logging.getLogger(__name__)
 
 # Ray's retry budget (attempts about one second apart) for reaching the GCS of an existing
 # cluster; read by ray._private.node at every ray.init.
@@ -208,10 +208,3 @@ def resolve_device(runtime: RuntimeConfig) -> RuntimeConfig:
 
         gpu = torch.cuda.is_available()
     return runtime.model_copy(update={"use_gpu": gpu})
-
-
-def training_key(train: TrainConfig, runtime: RuntimeConfig) -> dict[str, Any]:
-    """The runtime settings that change a training stage's result: the seed, the number of
-    workers (the global batch and the scaled lr) and the precision (bf16 autocast on GPUs)."""
-    return {"seed": runtime.seed, "world_size": max(1, runtime.num_workers),
-            "precision": "bf16" if train.amp and runtime.use_gpu else "fp32"}

@@ -1,12 +1,12 @@
-"""Traceable modules behind the exported ONNX graphs (what `edgesam.export` traces).
+"""Traceable modules behind the exported ONNX graphs (what `edgesam.export.onnx` traces).
 
 * `EncoderGraph`: the fused encoder with the backbone's pyramid as extra outputs, so the RPN
   needs no second encoder pass.
 * `SamDecoder`: segment-anything's `SamOnnxModel` interface with tensor crop indices.
 * `CompactDecoder`: EdgeSAM's compact interface (one prompt set, no mask input).
-* `PromptDecoder` (`edgesam.onnx_decoder`): the client decoder, N prompt sets per call.
+* `PromptDecoder` (`edgesam.export.decoder`): the client decoder, N prompt sets per call.
 * `RPNGraph`: the RPN head and its box decoding for one image (thresholding, NMS and the
-  merge around a click are data-dependent and run in numpy, `edgesam.numpy_rpn`).
+  merge around a click are data-dependent and run in numpy, `edgesam.client.prior`).
 """
 
 from __future__ import annotations

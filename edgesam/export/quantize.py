@@ -26,7 +26,7 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 from segment_anything.modeling import Sam
 
 from edgesam.artifacts import atomic_path
-from edgesam.export import export_encoder
+from edgesam.export.onnx import export_encoder
 
 QUANTIZED_OPS = ["Conv", "MatMul", "Gemm"]
 MIN_QUANT_OPSET = 20  # opset 20 has the Gelu operator

@@ -15,7 +15,7 @@
 
 Point coordinates are in the model's input frame; labels are float: 1 foreground,
 0 background, 2 / 3 box corners, -1 padding (add one (0, 0) padding point when there is no
-box, as `Sam`'s prompt encoder does; `edgesam.numpy_ops.prompt_arrays` builds them).
+box, as `Sam`'s prompt encoder does; `edgesam.client.transforms.prompt_arrays` builds them).
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ from torch import nn
 
 from edgesam.artifacts import atomic_path
 from edgesam.eval.speed import latency_ms
+from edgesam.export.decoder import PromptDecoder
+from edgesam.export.modules import CompactDecoder, EncoderGraph, RPNGraph, SamDecoder, pyramid_names
 from edgesam.models.decoding import decode
 from edgesam.models.rpn import RPN
-from edgesam.onnx_decoder import PromptDecoder
-from edgesam.onnx_modules import CompactDecoder, EncoderGraph, RPNGraph, SamDecoder, pyramid_names
 
 SAM_DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size")
 SAM_DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")

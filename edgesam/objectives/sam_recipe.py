@@ -22,10 +22,10 @@ from segment_anything.modeling import Sam
 
 from edgesam.data.shards import Sample
 from edgesam.data.transforms import preprocess, valid_mask
-from edgesam.losses import dice_loss, iou_head_loss, sigmoid_focal_loss
 from edgesam.metrics import mask_iou
 from edgesam.models.decoding import decode
-from edgesam.prompts import error_region_clicks, interior_points
+from edgesam.objectives.losses import dice_loss, iou_head_loss, sigmoid_focal_loss
+from edgesam.objectives.prompts import error_region_clicks, interior_points
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ resize of the longest side, normalisation, bottom-right zero padding), `upsample
 `Sam.postprocess_masks` (bilinear to the padded input, crop, bilinear to the original size:
 two linear maps per axis, composed into one matrix each), `prompt_arrays` of the token
 order `Sam.prompt_encoder` builds (points, then box corners; one padding point without a box),
-`decoder_feeds` of `edgesam.export.prompt_decoder_inputs`.
+`decoder_feeds` of `edgesam.export.onnx.prompt_decoder_inputs`.
 """
 
 from __future__ import annotations
