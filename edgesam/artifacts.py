@@ -17,12 +17,14 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from pydantic import BaseModel
 
-MANIFEST = "manifest.json"
-_PACKAGE_ROOT = Path(__file__).resolve().parent
+from edgesam.store.files import MANIFEST
+from edgesam.store.lock import writer_alive
+
+WORK_DIR = "${work_dir}/"  # how a manifest writes a path inside the work dir
 
 
 def _canonical(value: Any) -> Any:
@@ -37,40 +39,14 @@ def _canonical(value: Any) -> Any:
     return value
 
 
-def source_hash(*paths: Path) -> str:
-    """SHA-256 over the Python sources under `paths` (files or directories)."""
-    digest = hashlib.sha256()
-    files: list[Path] = []
-    for path in paths:
-        files.extend(sorted(path.rglob("*.py")) if path.is_dir() else [path])
-    for file in files:
-        digest.update(file.name.encode())
-        digest.update(file.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def code_version(stage_module_file: str | Path | None = None) -> str:
-    """Version of the code that produces an artifact: the library plus the stage module."""
-    paths = [_PACKAGE_ROOT] + ([Path(stage_module_file)] if stage_module_file else [])
-    return source_hash(*paths)
-
-
-def path_identity(path: Path) -> dict[str, Any]:
-    """What a cache key knows of an external input: a file's size and mtime, or a directory's
-    file list with sizes and mtimes (digested), so that changed inputs change the key."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        stat = path.stat()
-        return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    if path.is_dir():
-        listing = hashlib.sha256()
-        count = 0
-        for file in sorted(p for p in path.rglob("*") if p.is_file()):
-            stat = file.stat()
-            listing.update(f"{file.relative_to(path).as_posix()} {stat.st_size} {stat.st_mtime_ns}\n".encode())
-            count += 1
-        return {"path": str(path), "files": count, "listing": listing.hexdigest()}
-    return {"path": str(path), "missing": True}
+def _map_strings(value: Any, fn: Callable[[str], str]) -> Any:
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_strings(v, fn) for v in value]
+    return value
 
 
 def fingerprint(stage: str, config: Any, upstream: Mapping[str, str], code: str) -> str:
@@ -114,9 +90,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = temp_path(path)
     try:
         yield tmp
+        if tmp.is_file():
+            _fsync(tmp)  # the data reaches the disk before the name does
         if tmp.is_dir() and path.exists():
             shutil.rmtree(path)  # os.replace cannot replace a non-empty directory
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -124,9 +103,27 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink(missing_ok=True)
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _writer_pid(tmp: Path) -> int | None:
+    """The pid in a `temp_path` name (`.<stem>.tmp-<pid>-<random>`)."""
+    pid = tmp.name.partition(".tmp-")[2].split("-", 1)[0]
+    return int(pid) if pid.isdigit() else None
+
+
 def clear_partial_writes(directory: Path) -> None:
-    """Remove the temporary files (`temp_path`) an interrupted attempt left under `directory`."""
+    """Remove the temporary files (`temp_path`) that interrupted attempts left under
+    `directory`: only those whose writer process is gone (a live one may still be writing)."""
     for tmp in Path(directory).rglob(".*.tmp-*"):
+        pid = _writer_pid(tmp)
+        if pid is not None and pid != os.getpid() and writer_alive(pid):
+            continue
         if tmp.is_file():
             tmp.unlink()
         else:
@@ -175,15 +172,24 @@ class Artifact:
         return self.manifest_path.is_file()
 
     @property
+    def root(self) -> Path:
+        """The store's root (the work dir), which manifests write paths relative to."""
+        return self.path.parents[1]
+
+    @property
     def manifest(self) -> dict[str, Any]:
         if not self.complete:
             raise FileNotFoundError(f"{self.path}: artifact of stage {self.stage!r} is not complete")
-        return json.loads(self.manifest_path.read_text())
+        return _map_strings(json.loads(self.manifest_path.read_text()),
+                            lambda s: str(self.root / s[len(WORK_DIR):]) if s.startswith(WORK_DIR) else s)
 
     def commit(self, manifest: Mapping[str, Any]) -> None:
-        """Mark the artifact complete. Must be the stage's last write."""
+        """Mark the artifact complete. Must be the stage's last write. Paths inside the work dir
+        are written relative to it (`${work_dir}/...`), so a moved or copied work dir reads its own files."""
+        inside = str(self.root) + os.sep
         body = {"stage": self.stage, "fingerprint": self.fingerprint, "committed_at": time.time(), **manifest}
-        write_json_atomic(self.manifest_path, body)
+        write_json_atomic(self.manifest_path, _map_strings(
+            _canonical(body), lambda s: WORK_DIR + s[len(inside):] if s.startswith(inside) else s))
 
 
 class ArtifactStore:

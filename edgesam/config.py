@@ -14,7 +14,7 @@ from typing import Any, Literal, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from edgesam.artifacts import path_identity
+from edgesam.store.external import content_identity
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 # Fields marked with this do not change an artifact's content (parallelism, logging, checkpoint
@@ -123,6 +123,10 @@ class DataConfig(_Config):
         names = [s.name for s in self.coco_sources]
         if len(set(names)) < len(names):
             raise ValueError(f"data.coco_sources: names {names} repeat; give each source a distinct `name`")
+        ignored = [k for k in ("coco_train", "coco_val", "coco_images") if getattr(self, k) is not None]
+        if ignored and self.sa1b_path is None and not self.coco_sources:
+            raise ValueError(f"data.{ignored[0]} would be ignored: the embedded benchmark is generated unless "
+                             "data.sa1b_path or data.coco_sources is set (the RPN then reads those COCO paths)")
         return self
 
 
@@ -268,7 +272,8 @@ class PipelineConfig(_Config):
 
 def cache_view(section: BaseModel) -> dict[str, Any]:
     """A config section as its stage's cache key sees it: fields marked `NOT_IN_KEY` dropped,
-    paths replaced by the identity of what they point to (`path_identity`)."""
+    paths replaced by the content identity of what they point to (`content_identity`: names,
+    sizes and SHA-256s, never the location, so moved or copied inputs keep their key)."""
     view: dict[str, Any] = {}
     for name, field in type(section).model_fields.items():
         if (field.json_schema_extra or {}).get("cache_key") is False:
@@ -281,7 +286,7 @@ def _key_value(value: Any) -> Any:
     if isinstance(value, BaseModel):
         return cache_view(value)
     if isinstance(value, Path):
-        return path_identity(value)
+        return content_identity(value)
     if isinstance(value, dict):
         return {str(k): _key_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -325,6 +330,37 @@ def profile_summary(name: str) -> str:
         if line.startswith("#"):
             return line.lstrip("#").strip()
     return ""
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, found before any stage runs; the message names the key."""
+
+
+def _input_paths(cfg: PipelineConfig) -> dict[str, Path]:
+    """Every user path the run will read, by its config key."""
+    data, paths = cfg.data, {}
+    for key in ("sa1b_path", "coco_train", "coco_val", "coco_images"):
+        if getattr(data, key) is not None:
+            paths[f"data.{key}"] = getattr(data, key)
+    for i, source in enumerate(data.coco_sources):
+        paths[f"data.coco_sources[{i}].annotations"], paths[f"data.coco_sources[{i}].images"] = (
+            source.annotations, source.images)
+    optional = {"teacher.checkpoint": cfg.teacher.checkpoint, "shard.subset_ids_file": cfg.shard.subset_ids_file,
+                "encoder_kd.init": cfg.encoder_kd.init, "prompt_kd.init": cfg.prompt_kd.init}
+    if isinstance(cfg.encoder_kd.pretrained, Path):
+        optional["encoder_kd.pretrained"] = cfg.encoder_kd.pretrained
+    paths.update({k: v for k, v in optional.items() if v is not None})
+    return paths
+
+
+def validate_before_work(cfg: PipelineConfig) -> None:
+    """Checks that need no model: every input path exists, and a teacher checkpoint is given
+    where one is needed. Raises `ConfigError` naming the key."""
+    for key, path in _input_paths(cfg).items():
+        if not Path(path).expanduser().exists():
+            raise ConfigError(f"{key} = {path}: no such file or directory")
+    if cfg.teacher.kind.startswith("vit_") and cfg.teacher.checkpoint is None:
+        raise ConfigError(f"teacher.checkpoint: teacher.kind {cfg.teacher.kind} needs the SAM checkpoint file")
 
 
 def load_profile(name: str, overrides: dict[str, Any] | None = None) -> PipelineConfig:

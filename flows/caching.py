@@ -1,8 +1,10 @@
 """Prefect caching keyed on artifact fingerprints, with the committed manifest as the truth.
 
 Prefect's own result cache cannot see an artifact directory being deleted, so the cache key
-exists only while the stage's manifest is committed: delete the artifact (or force the
-stage) and the key disappears, the task runs, and the stage recomputes.
+exists only while the stage's manifest is committed and the artifact is not stale (its files
+as recorded, its upstreams' content as when it was computed), and it names the artifact's
+content: delete, damage or force anything upstream and the key disappears or changes, the task
+runs, and the stage recomputes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from prefect.states import State
 
 from edgesam.artifacts import ArtifactStore
 from edgesam.cluster import RayConnectionError
+from edgesam.store.verify import stale_reason
 
 # errno values of I/O failures that a retry can cure (network filesystems, busy devices).
 TRANSIENT_ERRNOS = frozenset({
@@ -47,10 +50,12 @@ class ManifestCache(CachePolicy):
     ) -> str | None:
         if inputs.get("force"):
             return None
-        artifact = ArtifactStore(inputs["cfg"].runtime.work_dir).artifact(inputs["name"], inputs["planned"].fingerprint)
-        if not artifact.complete:
-            return None
-        return cache_key(artifact.stage, artifact.fingerprint, str(artifact.path))
+        store, planned = ArtifactStore(inputs["cfg"].runtime.work_dir), inputs["planned"]
+        artifact = store.artifact(inputs["name"], planned.fingerprint)
+        upstream = {up: store.artifact(up, fp) for up, fp in planned.upstream.items()}
+        if not artifact.complete or not all(a.complete for a in upstream.values()) or stale_reason(artifact, upstream):
+            return None  # the task runs, and `run_stage` recomputes what is stale
+        return f"{cache_key(artifact.stage, artifact.fingerprint, str(artifact.path))}-{artifact.manifest['content']}"
 
 
 def is_transient_io_error(exc: BaseException) -> bool:

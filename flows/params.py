@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from edgesam.config import STAGES, PipelineConfig, available_profiles, deep_merge, load_profile
+from edgesam.config import STAGES, PipelineConfig, available_profiles, deep_merge, load_profile, validate_before_work
 
 Profile = Literal[tuple(available_profiles())]  # type: ignore[valid-type]
 StageName = Literal[STAGES]  # type: ignore[valid-type]
@@ -44,4 +44,5 @@ def pipeline_config(profile: str, overrides: dict[str, Any] | None = None, **sho
             named.setdefault(section, {})[field] = str(value) if isinstance(value, Path) else value
     cfg = load_profile(profile, deep_merge(overrides or {}, named))
     cfg.runtime.work_dir = cfg.runtime.work_dir.expanduser().resolve()
+    validate_before_work(cfg)  # before any stage: a missing input or checkpoint names its key
     return cfg

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Completed
 
 from edgesam.artifacts import Artifact, ArtifactStore
@@ -21,6 +21,7 @@ from flows.evaluation import publish_evaluation
 from flows.params import Profile, StageName, TeacherKind, pipeline_config
 from flows.training import StageProgress, publish_training_curves
 from pipelines.stage import PlannedStage, check_upstream, plan, run_stage, select
+from pipelines.stage import status as plan_status
 
 STAGE_LOGGERS = ("edgesam", "pipelines")
 
@@ -151,6 +152,8 @@ def edgesam(
         cfg = cfg.model_copy(update={"runtime": resolve_device(cfg.runtime)})  # GPUs or not, once
         planned = plan(cfg)  # once: every stage of this run agrees on the fingerprints
         check_upstream(selected, ArtifactStore(cfg.runtime.work_dir), planned)
+        create_table_artifact(plan_status(cfg, ArtifactStore(cfg.runtime.work_dir), forced), key=f"edgesam-plan-{cfg.profile}",
+                              description="per stage: cached, stale or will run, and why (python -m pipelines plan)")
         logger.info("profile %s, artifacts under %s, stages %s%s", cfg.profile, cfg.runtime.work_dir,
                     ", ".join(selected), f", forced {', '.join(s for s in selected if s in forced)}" if forced else "")
         for index, name in enumerate(selected, 1):

@@ -7,13 +7,15 @@ Every stage module in `pipelines/` defines
     def run(cfg, runtime, inputs, out) -> dict
     def runtime_key(cfg, runtime) -> dict    # optional: the runtime settings its result depends on
 
-where `cfg` is its own section of `PipelineConfig` (named as the stage), `runtime` the shared `RuntimeConfig`,
-`inputs` the committed upstream artifacts by stage name, and `out` the artifact directory to
-fill. The fingerprint hashes the section (`cache_view`: without the fields that cannot change
-the result, with external files identified by size and mtime), `runtime_key`, the upstream
-fingerprints and the code version. `run` returns the
-manifest body; the runner commits it last. `out` may hold a previous interrupted
-attempt's partial files (checkpoints, finished shards), which `run` may resume from.
+where `cfg` is its own section of `PipelineConfig` (named as the stage), `runtime` the shared
+`RuntimeConfig`, `inputs` the committed upstream artifacts by stage name, and `out` the
+artifact directory to fill. The fingerprint hashes the section (`cache_view`: without the
+fields that cannot change the result, external files by content), `runtime_key`, the upstream
+fingerprints and the stage's code version (`edgesam.store.code`). `run` returns the manifest
+body; the runner adds the file list, the upstreams' content digests and what `plan` needs to
+say why, and commits it last. `out` may hold a previous interrupted attempt's partial files
+(checkpoints, finished shards), which `run` may resume from; a forced stage never sees them.
+One process writes an artifact at a time (`edgesam.store.lock`).
 """
 
 from __future__ import annotations
@@ -23,11 +25,17 @@ import logging
 import time
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Iterable
+from typing import Any, Iterable
 
-from edgesam.artifacts import Artifact, ArtifactStore, clear_partial_writes, code_version, fingerprint
-from edgesam.config import STAGES, PipelineConfig, cache_view
+from edgesam.artifacts import Artifact, ArtifactStore, clear_partial_writes, fingerprint
 from edgesam.cluster import resolve_device
+from edgesam.config import STAGES, PipelineConfig, RuntimeConfig, cache_view
+from edgesam.store.code import environment, module_digests
+from edgesam.store.explain import nearest_committed, reasons
+from edgesam.store.files import content_digest, list_files
+from edgesam.store.lock import artifact_lock
+from edgesam.store.replace import move_aside
+from edgesam.store.verify import stale_reason, verify_inputs
 from edgesam.train.progress import ProgressCallback, reporting_progress
 
 log = logging.getLogger("edgesam.pipelines")
@@ -47,6 +55,8 @@ class PlannedStage:
     name: str
     fingerprint: str
     upstream: dict[str, str]  # upstream stage -> fingerprint
+    key: dict[str, Any]  # the config section and runtime settings the fingerprint hashes
+    code: dict[str, str]  # module -> digest of its code, over the stage's import closure
 
 
 def plan(cfg: PipelineConfig) -> dict[str, PlannedStage]:
@@ -58,7 +68,9 @@ def plan(cfg: PipelineConfig) -> dict[str, PlannedStage]:
         section = getattr(cfg, name)
         upstream = {u: planned[u].fingerprint for u in module.UPSTREAM}
         key = {"section": cache_view(section), "runtime": getattr(module, "runtime_key", lambda c, r: {})(section, runtime)}
-        planned[name] = PlannedStage(name, fingerprint(name, key, upstream, code_version(module.__file__)), upstream)
+        code = module_digests(module.__name__)
+        fp = fingerprint(name, key, upstream, "|".join(f"{m}={d}" for m, d in code.items()))
+        planned[name] = PlannedStage(name, fp, upstream, key, code)
     return planned
 
 
@@ -92,6 +104,22 @@ def check_upstream(selected: list[str], store: ArtifactStore, planned: dict[str,
         )
 
 
+
+def committed_inputs(name: str, planned: PlannedStage, store: ArtifactStore) -> dict[str, Artifact]:
+    inputs = {up: store.artifact(up, fp) for up, fp in planned.upstream.items()}
+    for up, artifact in inputs.items():
+        if not artifact.complete:
+            raise MissingUpstreamError(f"stage {name!r} needs the {up!r} artifact {artifact.path}, which is not "
+                                       f"committed; run stage {up!r} first (or the whole flow)")
+    return inputs
+
+
+def _training_run(artifact: Artifact, runtime: RuntimeConfig) -> str | None:
+    from edgesam.train import run_location
+
+    return run_location(artifact.path, runtime.storage_path) if runtime.storage_path else None
+
+
 def run_stage(
     name: str, cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, planned: PlannedStage | None = None,
     on_progress: ProgressCallback | None = None,
@@ -100,41 +128,44 @@ def run_stage(
 
     `planned` is the stage's entry of a `plan(cfg)` made at the start of a run (default: plan
     now), so that every stage of one run agrees on the fingerprints even if source files
-    are edited while it runs. `on_progress(step, total, record)` is called, on this process,
-    for every logged step of the stage's training (`edgesam.train.fit`), if it trains.
+    are edited while it runs. `force` recomputes from scratch: the earlier folder and training
+    run are moved aside (`edgesam.store.replace`). `on_progress(step, total, record)` is
+    called, on this process, for every logged step of the stage's training, if it trains.
     """
     planned = planned or plan(cfg)[name]
     artifact = store.artifact(name, planned.fingerprint)
-    if artifact.complete and not force:
-        log.info("stage %s: cached (%s)", name, artifact.path)
-        return artifact, True
-    inputs: dict[str, Artifact] = {}
-    for up, fp in planned.upstream.items():
-        upstream_artifact = store.artifact(up, fp)
-        if not upstream_artifact.complete:
-            raise MissingUpstreamError(
-                f"stage {name!r} needs the {up!r} artifact {upstream_artifact.path}, which is not committed; "
-                f"run stage {up!r} first (or the whole flow)"
-            )
-        inputs[up] = upstream_artifact
-    if artifact.complete:  # forced: uncommit before recomputing
-        artifact.manifest_path.unlink()
-    artifact.path.mkdir(parents=True, exist_ok=True)
-    clear_partial_writes(artifact.path)
-    log.info("stage %s: running -> %s", name, artifact.path)
-    start = time.perf_counter()
-    module = stage_module(name)
-    with reporting_progress(on_progress):
-        body = module.run(getattr(cfg, name), cfg.runtime, inputs, artifact.path)
-    elapsed = time.perf_counter() - start
-    artifact.commit({
-        **body,
-        "config": getattr(cfg, name).model_dump(mode="json"),
-        "upstream": planned.upstream,
-        "seconds": round(elapsed, 2),
-    })
-    log.info("stage %s: done in %.1fs", name, elapsed)
+    inputs = committed_inputs(name, planned, store)
+    with artifact_lock(artifact.path, f"stage {name}"):
+        why = "forced" if force else stale_reason(artifact, inputs) if artifact.complete else None
+        if artifact.complete and why is None:
+            log.info("stage %s: cached (%s)", name, artifact.path)
+            return artifact, True
+        if why is not None:
+            log.info("stage %s: recomputing from scratch (%s)", name, why)
+            move_aside(artifact.path, _training_run(artifact, cfg.runtime))
+        verify_inputs(name, inputs)
+        artifact.path.mkdir(parents=True, exist_ok=True)
+        clear_partial_writes(artifact.path)
+        log.info("stage %s: running -> %s", name, artifact.path)
+        start = time.perf_counter()
+        with reporting_progress(on_progress):
+            body = stage_module(name).run(getattr(cfg, name), cfg.runtime, inputs, artifact.path)
+        _commit(artifact, planned, body, inputs, getattr(cfg, name).model_dump(mode="json"), time.perf_counter() - start)
     return artifact, False
+
+
+def _commit(artifact: Artifact, planned: PlannedStage, body: dict[str, Any], inputs: dict[str, Artifact],
+            config: dict[str, Any], seconds: float) -> None:
+    start = time.perf_counter()
+    files = list_files(artifact.path)
+    log.info("stage %s: done in %.1fs; %d files hashed in %.2fs", artifact.stage, seconds, len(files),
+             time.perf_counter() - start)
+    artifact.commit({
+        **body, "config": config, "upstream": planned.upstream, "seconds": round(seconds, 2),
+        "key": planned.key, "code": planned.code, "environment": environment(), "files": files,
+        "content": content_digest(files, artifact.fingerprint),
+        "upstream_content": {up: a.manifest["content"] for up, a in inputs.items()},
+    })
 
 
 def run_dag(
@@ -150,3 +181,23 @@ def run_dag(
     planned = plan(cfg)
     check_upstream(selected, store, planned)
     return {name: run_stage(name, cfg, store, force=name in forced, planned=planned[name]) for name in selected}
+
+
+def status(cfg: PipelineConfig, store: ArtifactStore, forced: Iterable[str] = ()) -> list[dict[str, str]]:
+    """`plan`'s table: per stage in DAG order, cached / stale / will run, and why."""
+    planned, rows, changing = plan(cfg), [], set(downstream_closure(forced))
+    for name, stage in planned.items():
+        artifact = store.artifact(name, stage.fingerprint)
+        inputs = {up: store.artifact(up, fp) for up, fp in stage.upstream.items()}
+        if name in changing or (artifact.complete and changing & set(inputs)):
+            state = "will run"
+            why = ["forced"] if name in set(forced) else [f"upstream {u} will be recomputed" for u in sorted(changing & set(inputs))]
+        elif artifact.complete:
+            reason = stale_reason(artifact, inputs) if all(a.complete for a in inputs.values()) else "an upstream is missing"
+            state, why = ("stale", [reason]) if reason else ("cached", [])
+        else:
+            state, why = "will run", reasons(nearest_committed(artifact.path.parent), stage.key, stage.code, stage.upstream)
+        if state != "cached":
+            changing.add(name)
+        rows.append({"stage": name, "status": state, "fingerprint": stage.fingerprint, "why": "; ".join(why)})
+    return rows

@@ -21,7 +21,6 @@ from prefect.testing.utilities import prefect_test_harness
 
 import flows.pipeline
 import pipelines.stage
-from edgesam.artifacts import source_hash
 from edgesam.config import STAGES
 from edgesam.train.progress import ambient_progress
 from flows.pipeline import edgesam
@@ -85,7 +84,7 @@ def fake(tmp_path, monkeypatch, prefect_server):
     stages = FakeStages(tmp_path)
     monkeypatch.setattr(pipelines.stage, "stage_module", stages.module)
     # Fingerprints from the fake sources only, so edits elsewhere cannot change them mid-test.
-    monkeypatch.setattr(pipelines.stage, "code_version", lambda file: source_hash(Path(file)))
+    monkeypatch.setattr(pipelines.stage, "module_digests", lambda module: {module: "fake"})
     monkeypatch.setattr(flows.pipeline, "stage_task", flows.pipeline.stage_task.with_options(retry_delay_seconds=0))
     return stages
 

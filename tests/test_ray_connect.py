@@ -182,15 +182,12 @@ def test_other_errors_pass_through(monkeypatch, listening) -> None:
 
 # -- a real head with token authentication -------------------------------------------------
 
-# edgesam/train/cluster.py loaded by its path: the package `edgesam.train` imports torch
-# (seconds per client on a loaded machine), the module itself needs only Ray and the config.
+# edgesam.cluster needs only Ray and the config (no torch: seconds per client on a loaded machine).
 CLIENT = """
-import importlib.util, sys
+import sys
 import ray
+from edgesam import cluster
 from edgesam.config import RuntimeConfig
-spec = importlib.util.spec_from_file_location("cluster", "edgesam/train/cluster.py")
-cluster = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(cluster)
 try:
     cluster.connect_ray(RuntimeConfig(ray_address=sys.argv[1], connect_timeout_s=3))
 except cluster.RayConnectionError as exc:

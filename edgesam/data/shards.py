@@ -137,8 +137,21 @@ def decode_sample(key: str, members: dict[str, bytes]) -> Sample:
     return Sample(key, image, record["annotations"], embedding, record["image"])
 
 
+class ShardReadError(ValueError):
+    """A shard tar cannot be read (truncated, overwritten, not a tar); names the file."""
+
+
 def iter_raw(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Stream (key, {extension: bytes}) groups from one shard in tar order."""
+    """Stream (key, {extension: bytes}) groups from one shard in tar order; a damaged tar
+    raises `ShardReadError` naming the shard."""
+    try:
+        yield from _iter_members(path)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise ShardReadError(f"{path}: cannot read the shard tar ({type(exc).__name__}: {exc}); the artifact "
+                             "holding it is damaged: recompute its stage with --force") from exc
+
+
+def _iter_members(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     key: str | None = None
     members: dict[str, bytes] = {}
     with tarfile.open(path, mode="r|") as tar:
