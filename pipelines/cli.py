@@ -19,7 +19,8 @@ from edgesam.artifacts import ArtifactStore
 from edgesam.config import (STAGES, ConfigError, PipelineConfig, available_profiles, load_profile, parse_overrides,
                             profile_summary, validate_before_work)
 from edgesam.store.verify import verify_store
-from pipelines.stage import run_dag, stage_module, status
+from edgesam.store.files import DamagedArtifactError
+from pipelines.stage import MissingUpstreamError, run_dag, stage_module, status
 
 
 def overview(stages: bool) -> str:
@@ -70,7 +71,10 @@ def main(argv: Sequence[str] | None = None, stage: str | None = None) -> None:
         _inspect(name, cfg, store, STAGES if args.force else ())
         return
     stages = None if name == "all" else [name]
-    results = run_dag(cfg, store, stages=stages, force=(stages or STAGES) if args.force else ())
+    try:
+        results = run_dag(cfg, store, stages=stages, force=(stages or STAGES) if args.force else ())
+    except (DamagedArtifactError, MissingUpstreamError) as exc:
+        parser.exit(1, f"{parser.prog}: error: {exc}\n")
     for stage_name, (artifact, cached) in results.items():
         print(f"{stage_name:<11} {'cached' if cached else 'done':<7} {artifact.path}")
 

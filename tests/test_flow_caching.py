@@ -201,6 +201,7 @@ def test_stages_reuse_upstream_and_fail_clearly_when_missing(tmp_path, fake):
 
 
 def test_overrides_and_named_parameters_reach_the_stage_config(tmp_path, fake):
+    (tmp_path / "sa1b").mkdir()  # input paths are checked before any stage
     result = run_flow(
         tmp_path, stages=["data"], sa1b_path=tmp_path / "sa1b",
         overrides={"data": {"num_train": 3, "sa1b_path": "/ignored"}},
