@@ -1,12 +1,18 @@
-"""The `edgesam` command: every README command, prompts, backends, folders, everything mode, errors."""
+"""The `edgesam` command: every command line the README and docs/ show (each parses; the deploy
+page's `edgesam` commands run), prompts, backends, folders, everything mode, errors."""
 
 from __future__ import annotations
 
+import argparse
+import ast
+import importlib
 import json
 import re
+import runpy
 import shlex
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +22,170 @@ from PIL import Image
 from edgesam.cli import main
 from edgesam.models.edgesam import build_edgesam, save_edgesam
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REPO = Path(__file__).resolve().parents[1]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+SHELL_BLOCKS = {"", "bash", "sh", "shell", "console"}
+FIRST_PARTY = ("edgesam", "pipelines", "flows", "benchmarks")
+CONSOLE_SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+SEPARATORS, REDIRECTS = {"&", "&&", "|", "||", ";"}, {">", ">>", "<", "2>", "&>"}
 
 
-def readme_commands() -> list[str]:
-    """The `edgesam ...` lines of the README's command-line block."""
-    text = README.read_text()
-    block = text[text.index("Command line"):]
-    block = block[block.index("```bash") + 7:]
-    block = block[:block.index("```")]
-    return [line.split("  #")[0].strip() for line in block.splitlines() if line.startswith("edgesam ")]
+def shell_commands(path: Path) -> list[list[str]]:
+    """Every command of the shell code blocks of a Markdown page, as words: lines continued with
+    `\\` or inside a quote joined, comments and redirections dropped, `a & b` / `a && b` split."""
+    commands, info, pending = [], None, ""
+    for line in path.read_text().splitlines():
+        if line.lstrip().startswith("```"):
+            assert info is None or not pending, f"{path.name}: unterminated command {pending!r}"
+            info = line.strip()[3:].strip() if info is None else None
+            continue
+        if info not in SHELL_BLOCKS:
+            continue
+        pending += line.rstrip().removesuffix("\\") + "\n"
+        if line.rstrip().endswith("\\"):
+            continue
+        lexer = shlex.shlex(pending, posix=True, punctuation_chars=True)
+        lexer.whitespace_split, lexer.commenters = True, "#"
+        try:
+            words = list(lexer)
+        except ValueError:  # a quote spans lines: read on
+            continue
+        pending = ""
+        commands.extend(_split_commands(words))
+    return commands
+
+
+def _split_commands(words: list[str]) -> list[list[str]]:
+    commands, current, skip = [], [], False
+    for word in words:
+        if word in SEPARATORS:
+            commands, current = commands + [current], []
+        elif word in REDIRECTS or skip:
+            skip = word in REDIRECTS
+        else:
+            current.append(word)
+    return [c for c in commands + [current] if c]
+
+
+def project_command(words: list[str]) -> tuple[str, str, list[str]] | None:
+    """(how to run it, what, argv) for a command of this project: `python -m <first-party module>`,
+    a console script (pyproject.toml), a `scripts/*.sh` that forwards to a module, `prefect ...`;
+    None for other tools (ray, tensorboard, pytest, ...)."""
+    while words and ENV_ASSIGNMENT.match(words[0]):
+        words = words[1:]
+    if not words:
+        return None
+    program = Path(words[0]).name
+    if program in ("python", "python3") and words[1:2] == ["-m"]:
+        kind, target, argv = "module", words[2], words[3:]
+    elif program in CONSOLE_SCRIPTS:
+        kind, target, argv = "script", CONSOLE_SCRIPTS[program], words[1:]
+    elif program == "prefect":
+        return "prefect", "prefect", words[1:]
+    elif words[0].removeprefix("./").startswith("scripts/"):
+        forwarded = re.search(r'exec python -m (\S+) "\$@"', (REPO / words[0]).read_text())
+        assert forwarded, f"{words[0]} forwards its arguments to no module"
+        kind, target, argv = "module", forwarded.group(1), words[1:]
+    else:
+        return None
+    return (kind, target, argv) if target.split(".")[0] in FIRST_PARTY else None
+
+
+DOCUMENTED = [(doc.name, words) for doc in DOCS for words in shell_commands(doc) if project_command(words)]
+
+
+class Parsed(Exception):
+    """Raised where a documented command would start its work: its arguments parsed."""
+
+
+def _stop_after_parsing(monkeypatch) -> None:
+    import prefect
+
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise Parsed(parse_args(self, args, namespace))
+
+    def serve_then_stop(*deployments, **options):
+        raise Parsed(deployments)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    monkeypatch.setattr(prefect, "serve", serve_then_stop)  # `python -m flows.serve` takes no arguments
+
+
+def check_prefect_command(argv: list[str]) -> None:
+    """Parse with Prefect's own CLI parser (no command runs); `deployment run` also needs a served
+    deployment and parameters its flow accepts, with `--param` values read as the CLI reads them."""
+    from prefect.cli._app import _app
+    from prefect.cli._utilities import load_json_key_values
+    from prefect.flows import load_flow_from_entrypoint
+
+    from flows.serve import deployments
+
+    _, bound, _ = _app.parse_args(argv, exit_on_error=False, print_error=False)
+    if argv[:2] != ["deployment", "run"]:
+        return
+    served = {f"{d.flow_name}/{d.name}": d for d in deployments()}
+    deployment = served[bound.arguments["name"]]
+    parameters = load_json_key_values(bound.arguments.get("params", []), "parameter")
+    load_flow_from_entrypoint(deployment.entrypoint).validate_parameters({**deployment.parameters, **parameters})
+
+
+@pytest.mark.timeout(120)  # a command that never reaches its parser runs for real: this fails it
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
+@pytest.mark.parametrize("doc, words", DOCUMENTED, ids=[f"{d}: {' '.join(w)[:70]}" for d, w in DOCUMENTED])
+def test_every_documented_command_parses(doc, words, monkeypatch, capsys):
+    kind, target, argv = project_command(words)
+    if kind == "prefect":
+        return check_prefect_command(argv)
+    _stop_after_parsing(monkeypatch)
+    monkeypatch.syspath_prepend(str(REPO))  # benchmarks/ is run from the checkout, not installed
+    monkeypatch.setattr(sys, "argv", [target, *argv])
+    with pytest.raises((Parsed, SystemExit)) as stopped:
+        if kind == "module":
+            runpy.run_module(target, run_name="__main__", alter_sys=True)
+        else:
+            module, function = target.split(":")
+            getattr(importlib.import_module(module), function)()
+    if isinstance(stopped.value, SystemExit):  # argparse: --help exits 0, a bad argument 2
+        assert stopped.value.code == 0, f"{doc}: {' '.join(words)}\n{capsys.readouterr().err}"
+
+
+def documented_names(path: Path) -> list[str]:
+    """The first-party names a page refers to: `edgesam.x.y` in inline code (file names such as
+    `edgesam.pt` left out) and every name its Python blocks import."""
+    text = path.read_text()
+    names = re.findall(r"`((?:edgesam|pipelines|flows)(?:\.[A-Za-z_]\w*)+)", text)
+    for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
+        for node in ast.walk(ast.parse(block)):
+            if isinstance(node, ast.ImportFrom):
+                names += [f"{node.module}.{alias.name}" for alias in node.names]
+    files = (".pt", ".py", ".onnx", ".json", ".md", ".yaml", ".egg")
+    return [n for n in dict.fromkeys(names) if n.split(".")[0] in FIRST_PARTY[:3] and not n.endswith(files)]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[d.name for d in DOCS])
+def test_every_documented_module_path_exists(doc):
+    missing = []
+    for name in documented_names(doc):
+        parts = name.split(".")
+        for split in range(len(parts), 0, -1):
+            try:
+                found = importlib.import_module(".".join(parts[:split]))
+            except ModuleNotFoundError:
+                continue
+            for attribute in parts[split:]:
+                found = getattr(found, attribute, None)
+            break
+        if found is None:
+            missing.append(name)
+    assert not missing, f"{doc.name} names what does not exist: {missing}"
+
+
+def deploy_page_commands() -> list[str]:
+    """The `edgesam ...` commands of docs/DEPLOY.md, the page of the command line: each runs."""
+    return [shlex.join(words) for words in shell_commands(REPO / "docs" / "DEPLOY.md") if words[0] == "edgesam"]
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +210,8 @@ def _read_outputs(out_dir, shape, name="coffee_mask.png"):
     return mask, over
 
 
-@pytest.mark.parametrize("command", readme_commands())
-def test_every_readme_command_runs(command, bundle_256, photo, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("command", deploy_page_commands())
+def test_every_deploy_page_command_runs(command, bundle_256, photo, tmp_path, monkeypatch, capsys):
     import edgesam.data.synth
 
     (tmp_path / "photos").mkdir()
