@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from pydantic import BaseModel
 
-from edgesam.store.files import MANIFEST
+from edgesam.store.files import MANIFEST, sha256_of
 from edgesam.store.lock import writer_alive
 
 WORK_DIR = "${work_dir}/"  # how a manifest writes a path inside the work dir
@@ -70,7 +70,7 @@ def file_digests(path: Path, chunk: int = 1 << 24) -> tuple[str, str]:
 
 
 def sha256_file(path: Path) -> str:
-    return file_digests(path)[0]
+    return sha256_of(path)
 
 
 def temp_path(path: Path) -> Path:

@@ -30,7 +30,7 @@ from typing import Any, Iterable
 from edgesam.artifacts import Artifact, ArtifactStore, clear_partial_writes, fingerprint
 from edgesam.cluster import resolve_device
 from edgesam.config import STAGES, PipelineConfig, RuntimeConfig, cache_view
-from edgesam.store.code import environment, module_digests
+from edgesam.store.code import code_version, environment, module_digests
 from edgesam.store.explain import nearest_committed, reasons
 from edgesam.store.files import content_digest, list_files
 from edgesam.store.lock import artifact_lock
@@ -69,7 +69,7 @@ def plan(cfg: PipelineConfig) -> dict[str, PlannedStage]:
         upstream = {u: planned[u].fingerprint for u in module.UPSTREAM}
         key = {"section": cache_view(section), "runtime": getattr(module, "runtime_key", lambda c, r: {})(section, runtime)}
         code = module_digests(module.__name__)
-        fp = fingerprint(name, key, upstream, "|".join(f"{m}={d}" for m, d in code.items()))
+        fp = fingerprint(name, key, upstream, code_version(code))
         planned[name] = PlannedStage(name, fp, upstream, key, code)
     return planned
 

@@ -90,12 +90,11 @@ def module_digests(module: str, root: Path = REPO_ROOT) -> dict[str, str]:
     return {name: _code_digest(_module_file(name, root)).hex()[:16] for name in module_closure(module, root)}
 
 
-def code_version(module: str) -> str:
-    """Version of the code that produces an artifact: the AST (docstrings dropped) of `module`
-    (e.g. `pipelines.shard`) and of every first-party module it imports, transitively. An edit
-    to a module a stage never imports, or to a comment or docstring, keeps its cache."""
+def code_version(digests: dict[str, str]) -> str:
+    """Version of the code that produces an artifact, from `module_digests` of its stage: an
+    edit to a module the stage never imports, or to a comment or docstring, keeps its cache."""
     digest = hashlib.sha256()
-    for name, part in module_digests(module).items():
+    for name, part in sorted(digests.items()):
         digest.update(f"{name} {part}\n".encode())
     return digest.hexdigest()[:16]
 
