@@ -90,8 +90,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = temp_path(path)
     try:
         yield tmp
-        if tmp.is_file():
-            _fsync(tmp)  # the data reaches the disk before the name does
+        fsync_tree(tmp)  # the data reaches the disk before the name does
         if tmp.is_dir() and path.exists():
             shutil.rmtree(path)  # os.replace cannot replace a non-empty directory
         os.replace(tmp, path)
@@ -109,6 +108,17 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync a file, or every file and folder under a directory (before renaming it into place:
+    a checkpoint folder that has its final name has all its bytes on the disk)."""
+    if Path(path).is_dir():
+        for child in Path(path).rglob("*"):
+            if child.is_file() or child.is_dir():
+                _fsync(child)
+    if Path(path).exists():
+        _fsync(Path(path))
 
 
 def _writer_pid(tmp: Path) -> int | None:

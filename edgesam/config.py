@@ -62,7 +62,9 @@ class RuntimeConfig(_Config):
     # second) give up after this long, with an error naming the likely cause.
     connect_timeout_s: float = Field(20.0, gt=0, json_schema_extra=NOT_IN_KEY)
     num_workers: int = 1  # Ray Train workers (0: in-process, for unit tests only)
-    cpus_per_worker: int = 1  # CPU workers: Ray CPUs and torch threads per worker
+    # Ray CPUs per training worker (its train.loader_workers processes run on them); CPU workers
+    # also use them as torch threads.
+    cpus_per_worker: int = 1
     object_store_mb: int = 512  # object store of a local Ray (bounds Ray Data's memory)
     use_gpu: bool | None = None  # None: use GPUs when present
     # Where Ray Train keeps training checkpoints: a directory every node sees (NFS) or a URI
@@ -192,6 +194,9 @@ class EncoderKDConfig(_Config):
     upsample_mode: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval_images: int | None = None  # val images of the mIoU report (None: all)
+    # GPU options for the student's fixed-shape image encoder: channels-last layout, torch.compile.
+    channels_last: bool = False
+    compile: bool = False
 
 
 class PromptKDConfig(_Config):
@@ -213,6 +218,9 @@ class PromptKDConfig(_Config):
     dice_weight: float = 5.0
     bce_weight: float = 5.0
     eval_images: int | None = None  # val images of the mIoU report (None: all)
+    # GPU options for the student's fixed-shape image encoder: channels-last layout, torch.compile.
+    channels_last: bool = False
+    compile: bool = False
 
 
 class RPNConfig(_Config):

@@ -5,9 +5,9 @@ import torch
 
 import edgesam.objectives.distill as distill
 from edgesam.config import PromptKDConfig
-from edgesam.objectives.distill import encoder_kd_loss, prompt_in_the_loop_loss, valid_on_grid
+from edgesam.objectives.distill import encoder_kd_loss, image_weights, prompt_in_the_loop_loss, valid_on_grid
 from edgesam.models.tiny_sam import build_tiny_sam
-from edgesam.objectives.prompts import PAD_LABEL, Prompts
+from edgesam.objectives.prompts import PAD_LABEL, Prompts, batch_prompts
 
 IMG = 64  # embeddings 4 x 4, low-res masks 16 x 16
 
@@ -49,40 +49,55 @@ def test_valid_on_grid_marks_cells_touching_the_image():
     assert grid[0, :, 0].tolist() == [True, True, True, False]
 
 
-def _prompts() -> list[Prompts]:
-    boxes = Prompts(boxes=torch.tensor([[4.0, 4.0, 40.0, 40.0], [20.0, 10.0, 60.0, 30.0]]))
-    points = Prompts(torch.tensor([[[30.0, 30.0]], [[10.0, 50.0]]]), torch.ones(2, 1, dtype=torch.long))
-    return [boxes, points]
+def _prompts(kind: str) -> tuple[Prompts, torch.Tensor]:
+    """Two images' prompts joined (`batch_prompts`): boxes or points, 2 on image 0, 1 on image 1."""
+    if kind == "box":
+        per_image = [Prompts(boxes=torch.tensor([[4.0, 4.0, 40.0, 40.0], [20.0, 10.0, 60.0, 30.0]])),
+                     Prompts(boxes=torch.tensor([[8.0, 30.0, 50.0, 60.0]]))]
+    else:
+        per_image = [Prompts(torch.tensor([[[30.0, 30.0]], [[10.0, 50.0]]]), torch.ones(2, 1, dtype=torch.long)),
+                     Prompts(torch.tensor([[[12.0, 40.0]]]), torch.ones(1, 1, dtype=torch.long))]
+    return batch_prompts(per_image)
 
 
-def test_prompt_loss_is_small_for_an_identical_student_and_trains_the_student(teacher):
+@pytest.mark.parametrize("kind", ["box", "point"])
+def test_prompt_loss_is_small_for_an_identical_student_and_trains_the_student(teacher, kind):
     student = copy.deepcopy(teacher).requires_grad_(True)
     teacher_emb = torch.randn(2, 256, 4, 4)
     student_emb = teacher_emb.clone().requires_grad_(True)
     valid = torch.ones(2, IMG, IMG, dtype=torch.bool)
     cfg = PromptKDConfig(decode_iters=2)
-    loss, metrics = prompt_in_the_loop_loss(student, teacher, student_emb, teacher_emb, _prompts(), valid, cfg)
-    assert metrics["iou_iter0"] == pytest.approx(1.0) and metrics["iou_iter1"] == pytest.approx(1.0)
-    assert loss.item() == pytest.approx((metrics["loss_iter0"] + metrics["loss_iter1"]) / 2, rel=1e-5)
+    prompts, index = _prompts(kind)
+    loss, metrics = prompt_in_the_loop_loss(student, teacher, student_emb, teacher_emb.half(), prompts, index, valid,
+                                            cfg)
+    assert float(metrics["iou_iter0"]) == pytest.approx(1.0) and float(metrics["iou_iter1"]) == pytest.approx(1.0)
+    assert loss.item() == pytest.approx(float(metrics["loss_iter0"] + metrics["loss_iter1"]) / 2, rel=1e-5)
     loss.backward()
     assert student_emb.grad.abs().sum() > 0
     assert student.mask_decoder.output_upscaling[0].weight.grad is not None
     assert all(p.grad is None for p in teacher.parameters())
     with pytest.raises(ValueError, match="batch mismatch"):
-        prompt_in_the_loop_loss(student, teacher, student_emb, teacher_emb, _prompts()[:1], valid, cfg)
+        prompt_in_the_loop_loss(student, teacher, student_emb, teacher_emb, prompts, index[:1], valid, cfg)
+
+
+def test_image_weights_average_each_image_over_its_own_prompts():
+    weights = image_weights(torch.tensor([0, 0, 0, 1, 2, 2]), 3)
+    assert weights.tolist() == pytest.approx([1 / 9] * 3 + [1 / 3] + [1 / 6] * 2)
+    per_prompt = torch.tensor([1.0, 2.0, 3.0, 10.0, 4.0, 6.0])
+    assert (per_prompt * weights).sum().item() == pytest.approx((2.0 + 10.0 + 5.0) / 3)
 
 
 class _FakeDecode:
-    """Stands in for `decode`: the teacher's token 1 (its best-scored) covers the upper left
-    quadrant, the student predicts background everywhere; records every call."""
+    """Stands in for `decode_batched`: the teacher's token 1 (its best-scored) covers the upper
+    left quadrant, the student predicts background everywhere; records every call."""
 
     def __init__(self, teacher):
         self.teacher, self.calls = teacher, []
 
-    def __call__(self, sam, emb, points, labels, boxes, mask_input=None, num_outputs=1):
-        n = len(boxes) if boxes is not None else len(points)
-        self.calls.append({"teacher": sam is self.teacher, "points": points, "labels": labels,
-                           "boxes": boxes, "outputs": num_outputs})
+    def __call__(self, sam, emb, image_index, points, labels, boxes, mask_input=None, num_outputs=1):
+        n = len(image_index)
+        self.calls.append({"teacher": sam is self.teacher, "points": points, "labels": labels, "boxes": boxes,
+                           "outputs": num_outputs, "image_index": image_index})
         logits = torch.full((n, num_outputs, 16, 16), -5.0)
         iou = torch.tensor([0.1, 0.9, 0.2, 0.3])[:num_outputs].repeat(n, 1)
         if sam is self.teacher:
@@ -92,43 +107,44 @@ class _FakeDecode:
         return logits, iou
 
 
-def test_prompt_loop_adds_false_negative_points_to_both_models(teacher, monkeypatch):
+@pytest.mark.parametrize("kind, initial, outputs", [("box", 0, 1), ("point", 1, 4)])
+def test_prompt_loop_adds_false_negative_points_to_both_models(teacher, monkeypatch, kind, initial, outputs):
     fake = _FakeDecode(teacher)
-    monkeypatch.setattr(distill, "decode", fake)
+    monkeypatch.setattr(distill, "decode_batched", fake)
     student = copy.deepcopy(teacher)
     emb = torch.zeros(2, 256, 4, 4, requires_grad=True)
     valid = torch.ones(2, IMG, IMG, dtype=torch.bool)
     cfg = PromptKDConfig(decode_iters=3, points_per_iter=1)
-    _, metrics = prompt_in_the_loop_loss(student, teacher, emb, emb.detach(), _prompts(), valid, cfg,
+    prompts, index = _prompts(kind)
+    _, metrics = prompt_in_the_loop_loss(student, teacher, emb, emb.detach(), prompts, index, valid, cfg,
                                          torch.Generator().manual_seed(0))
-    assert len(fake.calls) == 2 * 3 * 2  # images x iterations x (teacher, student)
-    box_calls, point_calls = fake.calls[:6], fake.calls[6:]
-    assert [c["outputs"] for c in box_calls] == [1] * 6 and [c["outputs"] for c in point_calls] == [4] * 6
-    for calls, initial in ((box_calls, 0), (point_calls, 1)):
-        for it in range(3):
-            t, s = calls[2 * it], calls[2 * it + 1]
-            assert t["teacher"] and not s["teacher"]
-            for key in ("points", "labels", "boxes"):  # the same prompts for both models
-                assert (t[key] is None and s[key] is None) or torch.equal(t[key], s[key])
-            if it:
-                assert t["labels"].shape == (2, initial + it)
-                added = t["points"][:, initial:]
-                assert (t["labels"][:, initial:] == 1).all()  # false negatives: positive points
-                assert (added < 32).all() and (added >= 0).all()  # inside the teacher's quadrant
-    assert box_calls[-1]["boxes"] is not None and box_calls[-1]["points"].shape == (2, 2, 2)
-    assert metrics["iou_iter0"] == 0.0
+    assert len(fake.calls) == 3 * 2  # iterations x (teacher, student), whatever the number of images
+    assert [c["outputs"] for c in fake.calls] == [outputs] * 6
+    for it in range(3):
+        t, s = fake.calls[2 * it], fake.calls[2 * it + 1]
+        assert t["teacher"] and not s["teacher"] and torch.equal(t["image_index"], index)
+        for key in ("points", "labels", "boxes"):  # the same prompts for both models
+            assert (t[key] is None and s[key] is None) or torch.equal(t[key], s[key])
+        if it:
+            assert t["labels"].shape == (3, initial + it)
+            added = t["points"][:, initial:]
+            assert (t["labels"][:, initial:] == 1).all()  # false negatives: positive points
+            assert (added < 32).all() and (added >= 0).all()  # inside the teacher's quadrant
+    assert kind == "point" or (fake.calls[-1]["boxes"] is not None and fake.calls[-1]["points"].shape == (3, 2, 2))
+    assert float(metrics["iou_iter0"]) == 0.0
 
 
 def test_prompt_loop_pads_when_models_agree_and_single_iteration_adds_nothing(teacher, monkeypatch):
     fake = _FakeDecode(teacher)
-    monkeypatch.setattr(distill, "decode", fake)
+    monkeypatch.setattr(distill, "decode_batched", fake)
     emb = torch.zeros(2, 256, 4, 4)
     valid = torch.zeros(2, IMG, IMG, dtype=torch.bool)  # nothing valid: nothing to disagree on
-    prompt_in_the_loop_loss(teacher, teacher, emb, emb, _prompts(), valid, PromptKDConfig(decode_iters=2))
-    assert (fake.calls[2]["labels"] == PAD_LABEL).all()
+    prompts, index = _prompts("point")
+    prompt_in_the_loop_loss(teacher, teacher, emb, emb, prompts, index, valid, PromptKDConfig(decode_iters=2))
+    assert (fake.calls[2]["labels"][:, 1:] == PAD_LABEL).all()
     fake.calls.clear()
-    prompt_in_the_loop_loss(teacher, teacher, emb, emb, _prompts(), valid, PromptKDConfig(decode_iters=1))
-    assert len(fake.calls) == 4
+    prompt_in_the_loop_loss(teacher, teacher, emb, emb, prompts, index, valid, PromptKDConfig(decode_iters=1))
+    assert len(fake.calls) == 2
 
 
 def test_prompt_loss_targets(teacher):
@@ -137,8 +153,10 @@ def test_prompt_loss_targets(teacher):
         p.data.add_(0.05 * torch.randn_like(p))
     emb = torch.randn(2, 256, 4, 4)
     valid = torch.ones(2, IMG, IMG, dtype=torch.bool)
-    binary, _ = prompt_in_the_loop_loss(student, teacher, emb, emb, _prompts(), valid, PromptKDConfig(decode_iters=1))
-    soft, _ = prompt_in_the_loop_loss(student, teacher, emb, emb, _prompts(), valid,
+    prompts, index = _prompts("box")
+    binary, _ = prompt_in_the_loop_loss(student, teacher, emb, emb, prompts, index, valid,
+                                        PromptKDConfig(decode_iters=1))
+    soft, _ = prompt_in_the_loop_loss(student, teacher, emb, emb, prompts, index, valid,
                                       PromptKDConfig(decode_iters=1, target="logits"))
     assert binary.item() > 0 and soft.item() > 0 and binary.item() != pytest.approx(soft.item())
 

@@ -166,3 +166,32 @@ def test_missing_or_changed_teacher_checkpoint_is_a_clear_error(shard_artifact, 
     os.remove(teacher.path / "teacher.pt")
     with pytest.raises(TeacherCheckpointError, match=r"teacher\.pt named by .* is missing"):
         embed.run(EmbedConfig(), RUNTIME, {"shard": shard_artifact, "teacher": teacher}, tmp_path / "out")
+
+
+def test_teacher_input_normalized_on_the_device_equals_preprocess():
+    """The actor uploads uint8 and normalizes on the device: bit-identical to `preprocess`."""
+    from edgesam.tasks.data import device_images
+    from edgesam.tasks.embed import teacher_input
+
+    image = np.random.default_rng(0).integers(0, 256, (90, 160, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG")
+    padded, hw = teacher_input("shard.tar", "k", {"jpg": buffer.getvalue()}, 256)
+    decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+    expected, expected_hw = preprocess(decoded, 256)
+    assert padded.dtype == torch.uint8 and tuple(hw.tolist()) == expected_hw
+    assert torch.equal(device_images(padded[None], hw[None])[0], expected)
+
+
+def test_background_encoding_keeps_order_and_reraises_errors():
+    from edgesam.tasks.embed import in_background
+
+    def items():
+        yield from range(5)
+        raise ValueError("sample 5: cannot decode its jpg")
+
+    seen = []
+    with pytest.raises(ValueError, match="sample 5"):
+        for item in in_background(items(), depth=2):
+            seen.append(item)
+    assert seen == [0, 1, 2, 3, 4]

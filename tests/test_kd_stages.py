@@ -135,7 +135,9 @@ def test_prompt_kd_step_lowers_the_loss_on_a_fixed_batch(kd_inputs):
     head = {id(p) for p in model.student.mask_decoder.iou_prediction_head.parameters()}
     assert all((id(p) in trainable) != (id(p) in head) for p in model.student.mask_decoder.parameters())
     batch = next(iter(task.batches(0, 1, 0, 2)))
-    assert batch["valid"].shape == (2, 16, 16) and len(batch["prompts"]) == 2
+    assert batch["valid"].shape == (2, 16, 16) and batch["image"].dtype == torch.uint8
+    assert batch["teacher_emb"].dtype == torch.float16 and len(batch["key"]) == 2
+    assert batch["prompts"]["boxes"].shape == (4, 4) and batch["image_index"].tolist() == [0, 0, 1, 1]
     losses = _losses_on_fixed_batch(task, 1e-3)
     assert losses[-1] < 0.9 * losses[0], losses
 
@@ -185,7 +187,8 @@ def test_prompt_kd_resumes_after_a_kill_with_the_same_steps_and_optimizer(kd_inp
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(kd_inputs, tmp_path):
     task = _prompt_task(kd_inputs, _KilledPromptKD)
     task.die_at = -5  # NaN from the 5th step on
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 5.*step 4"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 5 on the batch of samples sa_\d, "
+                                                 r"sa_\d;.*step 4"):
         fit(task, _fit_cfg(), LOCAL, tmp_path)
     assert load_checkpoint(last_checkpoint_path(tmp_path))["step"] == 4
     assert not (tmp_path / "student.pt").exists()
@@ -341,3 +344,43 @@ def test_encoder_kd_passes_an_init_student_on_with_zero_epochs(kd_inputs, tmp_pa
     with pytest.raises(ValueError, match="is a mobilenetv3_small_050 student, but encoder_kd.backbone is resnet18"):
         encoder_kd.run(cfg.model_copy(update={"backbone": "resnet18", "train": train.model_copy(update={"epochs": 1})}),
                        LOCAL, {"embed": embed, "teacher": teacher}, tmp_path / "y")
+
+
+def test_every_trainable_parameter_gets_a_gradient_where_ddp_is_told_so(kd_inputs):
+    """find_unused_parameters=False is only right if the loss reaches every trainable parameter."""
+    for task in (_encoder_task(kd_inputs), _prompt_task(kd_inputs)):
+        assert task.find_unused_parameters is False
+        model = task.build_model()
+        trainable = list(task.parameters(model))
+        loss, _ = task.loss(model, next(iter(task.batches(0, 1, 0, 2))))
+        loss.backward()
+        assert all(p.grad is not None for p in trainable), type(task).__name__
+    prompt = _prompt_task(kd_inputs)
+    prompt.cfg = prompt.cfg.model_copy(update={"freeze_iou_head": False})
+    assert prompt.find_unused_parameters is True
+
+
+def test_loader_workers_persist_across_epochs_and_see_each_epoch(kd_inputs):
+    task = _encoder_task(kd_inputs)
+    task.loader_workers = 1
+    orders, workers = [], []
+    for epoch in range(3):
+        orders.append([key for batch in task.batches(0, 1, epoch, 2) for key in batch["key"]])
+        (loader,) = task.loaders._loaders.values()
+        workers.append([w.pid for w in loader.loader._iterator._workers])
+    assert all(sorted(order) == [f"sa_{i}" for i in range(6)] for order in orders)
+    assert len({tuple(order) for order in orders}) > 1  # reshuffled per epoch, inside the same worker
+    assert workers[0] == workers[1] == workers[2]
+
+
+def test_encoder_kd_reads_its_init_student_once(kd_inputs, tmp_path, monkeypatch):
+    import edgesam.tasks.encoder_kd as encoder_kd_task
+
+    reads = []
+    load = encoder_kd_task.load_student
+    monkeypatch.setattr(encoder_kd_task, "load_student", lambda path, size: reads.append(path) or load(path, size))
+    embed, teacher = _upstream(kd_inputs, tmp_path)
+    train = SMOKE.encoder_kd.train.model_copy(update={"max_steps": 1, "batch_size": 2, "loader_workers": 0})
+    cfg = EncoderKDConfig(backbone=BACKBONE, train=train, eval_images=1, init=kd_inputs / "phase1.pt")
+    encoder_kd.run(cfg, LOCAL, {"embed": embed, "teacher": teacher}, tmp_path / "p1")
+    assert reads == [kd_inputs / "phase1.pt"]

@@ -6,6 +6,7 @@ import torch
 from edgesam.objectives.prompts import (
     PAD_LABEL,
     Prompts,
+    batch_prompts,
     choose_prompt_kind,
     disagreement_points,
     gt_boxes,
@@ -74,9 +75,28 @@ def test_disagreement_points_pad_when_region_is_small_and_respect_valid():
     assert labels[0].tolist() == [1] and labels[1].tolist() == [PAD_LABEL]
 
 
-def test_disagreement_points_rejects_mismatched_masks():
+def test_disagreement_points_take_a_valid_region_per_prompt():
+    teacher, student = _masks()
+    valid = torch.ones(3, 8, 8, dtype=torch.bool)
+    valid[0, :, 5:] = False  # prompt 0's false negatives lie in its image's padding
+    _, labels = disagreement_points(teacher, student, valid, 1, 32, torch.Generator().manual_seed(0))
+    assert labels.tolist() == [[PAD_LABEL], [0], [PAD_LABEL]]
+
+
+def test_disagreement_points_rejects_mismatched_masks_and_too_many_points():
     with pytest.raises(ValueError, match="must both be"):
         disagreement_points(torch.zeros(2, 4, 4), torch.zeros(2, 4, 5), None, 1, 16)
+    with pytest.raises(ValueError, match="num_points must be in 1..16"):
+        disagreement_points(torch.zeros(2, 4, 4), torch.zeros(2, 4, 4), None, 17, 16)
+
+
+def test_batch_prompts_joins_the_images_prompts_with_their_image_index():
+    a = Prompts(boxes=torch.zeros(2, 4))
+    b = Prompts(boxes=torch.ones(3, 4))
+    joined, index = batch_prompts([a, b])
+    assert joined.boxes.shape == (5, 4) and joined.points is None and index.tolist() == [0, 0, 1, 1, 1]
+    with pytest.raises(ValueError, match="mix kinds"):
+        batch_prompts([a, Prompts(torch.zeros(1, 1, 2), torch.ones(1, 1, dtype=torch.long))])
 
 
 ANNOTATIONS = [
@@ -101,9 +121,14 @@ def test_sample_annotations_caps_and_choose_prompt_kind():
     with pytest.raises(ValueError, match="without annotations"):
         sample_annotations(0, 16, rng)
     assert choose_prompt_kind("box", 0.0) == "box" and choose_prompt_kind("point", 1.0) == "point"
-    gen = torch.Generator().manual_seed(0)
-    kinds = [choose_prompt_kind("both", 0.5, gen) for _ in range(400)]
+    kinds = [choose_prompt_kind("both", 0.5, random.Random(i)) for i in range(400)]
     assert 150 < kinds.count("box") < 250
+
+    def draws(seed: int) -> list[str]:
+        rng = random.Random(seed)
+        return [choose_prompt_kind("both", 0.3, rng) for _ in range(40)]
+
+    assert draws(5) == draws(5) != draws(6)
 
 
 def test_prompts_with_points_keeps_the_box():

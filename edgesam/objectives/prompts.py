@@ -14,7 +14,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-PAD_LABEL = -1
+from edgesam.models.decoding import PAD_LABEL
 
 
 @dataclass
@@ -66,12 +66,34 @@ def sample_annotations(num_annotations: int, max_prompts: int, rng: random.Rando
 
 
 def choose_prompt_kind(
-    prompt_types: Literal["both", "box", "point"], box_prob: float, generator: torch.Generator | None = None
+    prompt_types: Literal["both", "box", "point"], box_prob: float, rng: random.Random | None = None
 ) -> Literal["box", "point"]:
-    """EdgeSAM: a training step uses boxes with probability `box_prob`, else single points."""
+    """EdgeSAM: a training step uses boxes with probability `box_prob`, else single points.
+
+    Drawn from Python's RNG (`rng`, default the global one, which checkpoints restore), not
+    torch's: reading a torch random number back would be a host sync inside the step.
+    """
     if prompt_types != "both":
         return prompt_types
-    return "box" if float(torch.rand((), generator=generator)) < box_prob else "point"
+    return "box" if (rng or random).random() < box_prob else "point"
+
+
+def batch_prompts(prompts: Sequence[Prompts]) -> tuple[Prompts, torch.Tensor]:
+    """The prompt sets of B images as one set of N = sum of their sizes, and the (N,) image index
+    of each prompt (the layout of `decode_batched`). All sets hold the same kinds of prompt."""
+    if not prompts:
+        raise ValueError("batch_prompts needs at least one image's prompts")
+    kinds = {(p.points is None, p.boxes is None) for p in prompts}
+    if len(kinds) > 1:
+        raise ValueError("the images' prompt sets mix kinds (boxes on some, points on others)")
+
+    def cat(name: str) -> torch.Tensor | None:
+        parts = [getattr(p, name) for p in prompts]
+        return None if parts[0] is None else torch.cat(parts)
+
+    counts = torch.tensor([len(p) for p in prompts])
+    index = torch.repeat_interleave(torch.arange(len(prompts), device=counts.device), counts)
+    return Prompts(cat("points"), cat("labels"), cat("boxes")), index
 
 
 def disagreement_points(
@@ -85,11 +107,16 @@ def disagreement_points(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample points uniformly from where the binarized teacher and student masks disagree.
 
+    Vectorized and without host syncs: every cell gets a uniform random score, cells outside
+    the disagreement are scored -1, and the top `num_points` scores are the sample (a uniform
+    draw without replacement); `torch.where` pads what falls outside or below `min_cells`.
+
     Args:
         teacher, student: (N, h, w) boolean masks on the low-resolution grid.
-        valid: (h, w) boolean unpadded region (None: everywhere).
+        valid: (h, w) or (N, h, w) boolean unpadded region (None: everywhere).
         num_points: points per prompt, drawn without replacement.
         input_size: side of the model's input frame the (square) grid covers.
+        generator: a torch generator on the masks' device (None: torch's default one).
         min_cells: prompts whose masks disagree on fewer cells get no point (EdgeSAM: 10).
 
     Returns:
@@ -102,22 +129,22 @@ def disagreement_points(
     if teacher.shape != student.shape or teacher.dim() != 3:
         raise ValueError(f"teacher and student masks must both be (N, h, w), got {tuple(teacher.shape)} and {tuple(student.shape)}")
     n, h, w = teacher.shape
-    teacher, student = teacher.bool(), student.bool()
-    disagree = teacher ^ student
+    if not 0 < num_points <= h * w:
+        raise ValueError(f"num_points must be in 1..{h * w} (the grid's cells), got {num_points}")
+    teacher = teacher.bool()
+    disagree = teacher ^ student.bool()
     if valid is not None:
-        disagree &= valid.bool().to(disagree.device)
+        disagree = disagree & valid.bool().to(disagree.device)
     flat = disagree.reshape(n, h * w)
-    counts = flat.sum(dim=1)
-    points = torch.zeros(n, num_points, 2)
-    labels = torch.full((n, num_points), PAD_LABEL, dtype=torch.int64)
-    cell = torch.tensor([input_size / w, input_size / h])
-    for i in torch.nonzero(counts >= max(min_cells, 1), as_tuple=False).flatten().tolist():
-        k = min(num_points, int(counts[i]))
-        idx = torch.multinomial(flat[i].float().cpu(), k, replacement=False, generator=generator)
-        ys, xs = idx // w, idx % w
-        points[i, :k] = (torch.stack([xs, ys], dim=1).float() + 0.5) * cell - 0.5
-        labels[i, :k] = teacher[i].reshape(-1)[idx.to(teacher.device)].long().cpu()
-    return points.to(teacher.device), labels.to(teacher.device)
+    scores = torch.rand(n, h * w, generator=generator, device=flat.device).masked_fill_(~flat, -1.0)
+    top, index = scores.topk(num_points, dim=1)
+    enough = flat.sum(dim=1, keepdim=True) >= max(min_cells, 1)
+    found = (top >= 0) & enough
+    cell = torch.tensor([input_size / w, input_size / h], device=flat.device)
+    xy = (torch.stack([index % w, index // w], dim=-1).float() + 0.5) * cell - 0.5
+    points = torch.where(found[..., None], xy, 0.0)
+    labels = torch.where(found, teacher.reshape(n, h * w).gather(1, index).long(), PAD_LABEL)
+    return points, labels
 
 
 def uniform_pixels(region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

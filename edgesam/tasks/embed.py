@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import queue
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -29,16 +31,20 @@ from PIL import Image
 from edgesam.config import EmbedConfig
 from edgesam.data.shards import iter_raw
 from edgesam.data.tars import tar_writer
-from edgesam.data.transforms import preprocess
+from edgesam.data.transforms import resize_image
 from edgesam.models.sdpa import use_sdpa
 from edgesam.models.teacher import TeacherSource
+from edgesam.tasks.data import device_images
 
 EMBEDDING = "emb.npy"
 LOOKAHEAD = 2  # batches decoded ahead of the encoder, so the accelerator rarely waits for JPEG decoding
+WRITE_AHEAD = 64  # embedded samples the encoder may run ahead of the shard writer
 
 
-def teacher_input(source: str, key: str, members: Mapping[str, bytes], img_size: int) -> torch.Tensor:
-    """(3, S, S) normalized, padded teacher input of one sample's JPEG (= `preprocess`)."""
+def teacher_input(source: str, key: str, members: Mapping[str, bytes], img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sample's JPEG as the teacher's input before normalization: uint8 (3, S, S) resized
+    and zero-padded, and its unpadded (h, w); `device_images` normalizes it on the device (a
+    quarter of the float32 bytes decoded, queued and uploaded)."""
     if "jpg" not in members:
         raise ValueError(f"{source}: sample {key!r} has no 'jpg' member (found {sorted(members)})")
     try:
@@ -46,7 +52,36 @@ def teacher_input(source: str, key: str, members: Mapping[str, bytes], img_size:
             image = np.asarray(img.convert("RGB"))
     except (OSError, ValueError) as error:
         raise ValueError(f"{source}: sample {key!r}: cannot decode its jpg ({error})") from error
-    return preprocess(image, img_size)[0]
+    resized = resize_image(image, img_size)
+    h, w = resized.shape[:2]
+    padded = torch.zeros(3, img_size, img_size, dtype=torch.uint8)
+    padded[:, :h, :w] = torch.from_numpy(np.require(resized, requirements=["C", "W"])).permute(2, 0, 1)
+    return padded, torch.tensor([h, w])
+
+
+def in_background(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """`items` produced on a thread up to `depth` ahead of the consumer, errors re-raised in
+    order: the encoder computes the next batches while the shard writer hashes and writes
+    (a bounded queue and a thread; no kept library wraps an iterator so)."""
+    done, buffer = object(), queue.Queue(maxsize=depth)
+
+    def produce() -> None:
+        try:
+            for item in items:
+                buffer.put((item, None))
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer
+            buffer.put((done, error))
+        else:
+            buffer.put((done, None))
+
+    threading.Thread(target=produce, name="embed-encode", daemon=True).start()
+    while True:
+        item, error = buffer.get()
+        if item is done:
+            if error is not None:
+                raise error
+            return
+        yield item
 
 
 def encode_npy(array: np.ndarray) -> bytes:
@@ -93,7 +128,7 @@ class ShardEmbedder:
 
     def __call__(self, job: dict[str, Any]) -> dict[str, Any]:
         source, target, digest = job["source"], Path(job["target"]), hashlib.sha256()
-        count = write_shard(self._embedded(source), target, job["samples"], source, digest)
+        count = write_shard(in_background(self._embedded(source), WRITE_AHEAD), target, job["samples"], source, digest)
         return {"source": source, "path": str(target), "samples": count, "bytes": target.stat().st_size,
                 "sha256": digest.hexdigest()}
 
@@ -111,10 +146,12 @@ class ShardEmbedder:
 
     @torch.no_grad()
     def _encode(self, chunk: list[tuple[str, dict[str, bytes]]], inputs: list[Future]) -> Iterator[tuple[str, dict[str, bytes]]]:
-        x = torch.stack([future.result() for future in inputs]).to(self.device)
+        images, hw = (torch.stack(parts) for parts in zip(*(future.result() for future in inputs)))
+        pinned = self.device.type == "cuda"
+        x = device_images(images.pin_memory().to(self.device, non_blocking=True) if pinned else images, hw.to(self.device))
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
             embeddings = self.encoder(x)
-        embeddings = embeddings.float().cpu().numpy().astype(np.float16)
+        embeddings = embeddings.half().cpu().numpy()  # halved on the device: half the bytes copied to the host
         for (key, members), embedding in zip(chunk, embeddings):
             yield key, {**members, EMBEDDING: encode_npy(embedding)}
 

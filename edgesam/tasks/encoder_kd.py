@@ -2,30 +2,40 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+from segment_anything.modeling import Sam
 from torch import nn
 
 from edgesam.config import EncoderKDConfig
-from edgesam.data.shards import SampleDataset
+from edgesam.data.shards import Sample
 from edgesam.objectives.distill import encoder_kd_loss
 from edgesam.models.edgesam import build_edgesam, edgesam_config, save_edgesam
 from edgesam.models.official import load_student
 from edgesam.models.student import StudentEncoder
 from edgesam.models.teacher import TeacherSource
-from edgesam.tasks.data import EmbedShards, embedding_example, loader
+from edgesam.tasks.data import (
+    EmbedShards, LoaderCache, device_images, embedding_example, shard_batches, speed_up_encoder,
+)
 
 STUDENT_FILE = "student.pt"
+
+
+def encoder_example(sample: Sample, img_size: int, epoch: int) -> dict[str, Any]:
+    """A phase-1 example (`embedding_example`), the same in every epoch."""
+    return embedding_example(sample, img_size)
 
 
 @dataclass
 class EncoderKDTask:
     """The student encoder alone against stored teacher embeddings (a `TrainTask`); saves a
-    complete EdgeSAM whose prompt encoder and mask decoder are the teacher's."""
+    complete EdgeSAM whose prompt encoder and mask decoder are the teacher's, or the init
+    student's (read once, on the driver, and shipped with the task)."""
 
     backbone: str
     upsample_mode: str
@@ -34,23 +44,31 @@ class EncoderKDTask:
     loader_workers: int
     teacher: TeacherSource
     seed: int = 0
-    init: Path | None = None
+    init_student: Sam | None = field(default=None, repr=False)
+    channels_last: bool = False
+    compile: bool = False
+    loaders: LoaderCache = field(default_factory=LoaderCache, repr=False, compare=False)
+    find_unused_parameters = False  # the embedding MSE reaches every encoder parameter
 
     @classmethod
     def from_config(cls, cfg: EncoderKDConfig, data: EmbedShards, teacher: TeacherSource, seed: int) -> EncoderKDTask:
+        init = None
         if cfg.init is not None:
-            config = edgesam_config(load_student(cfg.init, data.img_size))
-            if config["backbone"] != cfg.backbone:
-                raise ValueError(f"encoder_kd.init {cfg.init} is a {config['backbone']} student, but encoder_kd.backbone "
+            init = load_student(cfg.init, data.img_size)
+            backbone = edgesam_config(init)["backbone"]
+            if backbone != cfg.backbone:
+                raise ValueError(f"encoder_kd.init {cfg.init} is a {backbone} student, but encoder_kd.backbone "
                                  f"is {cfg.backbone}")
         return cls(cfg.backbone, cfg.upsample_mode, cfg.pretrained, data, cfg.train.loader_workers, teacher, seed,
-                   cfg.init)
+                   init, cfg.channels_last, cfg.compile)
 
     def build_model(self) -> nn.Module:
-        if self.init is not None:
-            return load_student(self.init, self.data.img_size).image_encoder
-        return StudentEncoder(self.backbone, self.data.img_size, upsample_mode=self.upsample_mode,
-                              pretrained=self.pretrained)
+        if self.init_student is not None:
+            encoder = copy.deepcopy(self.init_student.image_encoder)
+        else:
+            encoder = StudentEncoder(self.backbone, self.data.img_size, upsample_mode=self.upsample_mode,
+                                     pretrained=self.pretrained)
+        return speed_up_encoder(encoder, self.channels_last, self.compile)
 
     def parameters(self, model: nn.Module) -> Iterable[nn.Parameter]:
         return model.parameters()
@@ -59,23 +77,21 @@ class EncoderKDTask:
         return self.data.samples
 
     def batches(self, rank: int, world_size: int, epoch: int, batch_size: int) -> Iterable[Any]:
-        dataset = SampleDataset(
-            self.data.shards, partial(embedding_example, img_size=self.data.img_size), shuffle=True,
-            seed=self.seed, rank=rank, world_size=world_size,
-        )
-        dataset.set_epoch(epoch)
-        return loader(dataset, batch_size, self.loader_workers, self.seed + epoch)
+        transform = partial(encoder_example, img_size=self.data.img_size)
+        return shard_batches(self.loaders, self.data, transform, self.loader_workers, self.seed, rank, world_size,
+                             epoch, batch_size)
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        return encoder_kd_loss(model(batch["image"]), batch["teacher_emb"], batch["valid"]), {}
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        images = device_images(batch["image"], batch["hw"], self.channels_last)
+        return encoder_kd_loss(model(images), batch["teacher_emb"], batch["valid"]), {}
 
-    def batch_size_of(self, batch: dict[str, torch.Tensor]) -> int:
+    def batch_size_of(self, batch: dict[str, Any]) -> int:
         return len(batch["image"])
 
     def save(self, model: nn.Module, out_dir: Path) -> dict[str, Any]:
         """The student: this encoder with the init student's decoder, or a fresh student with the teacher's."""
-        if self.init is not None:
-            sam = load_student(self.init, self.data.img_size)
+        if self.init_student is not None:
+            sam = copy.deepcopy(self.init_student)
         else:
             sam = build_edgesam(self.backbone, self.data.img_size, self.teacher.load(), self.upsample_mode)
         sam.image_encoder.load_state_dict(model.state_dict())

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from edgesam.artifacts import atomic_path, write_json_atomic
+from edgesam.artifacts import atomic_path, fsync_tree, write_json_atomic
 
 if TYPE_CHECKING:  # ray.train is imported where used: it takes seconds to import
     from ray.train import Checkpoint
@@ -150,6 +150,7 @@ class LocalRun:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.path))
         try:
             shutil.copytree(directory, tmp, dirs_exist_ok=True)
+            fsync_tree(tmp)  # complete on the disk before it has the name resume looks for
             os.replace(tmp, self.path / name)  # fails, rather than merging, if `name` exists
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

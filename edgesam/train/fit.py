@@ -13,7 +13,7 @@ import torch
 from edgesam.config import RuntimeConfig, TrainConfig
 from edgesam.train.checkpoint import NUM_TO_KEEP, TENSORBOARD, LocalRun, export_artifact, is_uri, run_storage
 from edgesam.cluster import connect_ray, use_gpu
-from edgesam.train.loop import train_worker
+from edgesam.train.loop import WorkerConfig, train_worker
 from edgesam.train.progress import ProgressCallback, ambient_progress, guarded, relay
 from edgesam.train.task import TrainTask
 
@@ -26,6 +26,32 @@ def _warn_if_node_local(runtime: RuntimeConfig) -> None:
     if runtime.storage_path is None and sum(node["Alive"] for node in ray.nodes()) > 1:
         log.warning("runtime.storage_path is not set on a multi-node Ray cluster: checkpoints go to the "
                     "artifact directory, which must then be on a filesystem every node shares")
+
+
+def _worker_config(task: TrainTask, cfg: TrainConfig, runtime: RuntimeConfig, run: str, local: bool, gpu: bool,
+                   progress: ProgressCallback | None) -> WorkerConfig:
+    if cfg.sync_bn and runtime.num_workers > 1 and not gpu:
+        raise ValueError("train.sync_bn needs GPU workers: torch's SyncBatchNorm only runs on CUDA")
+    return WorkerConfig(task, cfg, run, local=local, use_gpu=gpu, seed=runtime.seed,
+                        threads=None if gpu or local else runtime.cpus_per_worker, progress=progress)
+
+
+def _trainer(worker: WorkerConfig, runtime: RuntimeConfig, storage: str, name: str) -> Any:
+    """Ray Train's TorchTrainer: `runtime.cpus_per_worker` CPUs (its loader processes run on
+    them) and one GPU per worker, the run's storage, failure and checkpoint settings."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": runtime.cpus_per_worker, **({"GPU": 1} if worker.use_gpu else {})}
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"worker": worker},
+        scaling_config=ScalingConfig(num_workers=runtime.num_workers, use_gpu=worker.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=runtime.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=NUM_TO_KEEP)),
+    )
 
 
 def fit(task: TrainTask, cfg: TrainConfig, runtime: RuntimeConfig, out_dir: Path,
@@ -50,9 +76,6 @@ def fit(task: TrainTask, cfg: TrainConfig, runtime: RuntimeConfig, out_dir: Path
     worker's exception is re-raised here as itself (e.g. `NonFiniteLossError`), with Ray's
     wrapper as its cause.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     storage, name = run_storage(out_dir, runtime.storage_path)
@@ -66,39 +89,17 @@ def fit(task: TrainTask, cfg: TrainConfig, runtime: RuntimeConfig, out_dir: Path
         connect_ray(runtime)
         gpu = use_gpu(runtime)
         _warn_if_node_local(runtime)
-    if cfg.sync_bn and runtime.num_workers > 1 and not gpu:
-        raise ValueError("train.sync_bn needs GPU workers: torch's SyncBatchNorm only runs on CUDA")
     on_progress = on_progress or ambient_progress()
     callback = guarded(on_progress) if on_progress else None
+    start = time.perf_counter()
     with relay(callback) if callback and not local else nullcontext(callback) as progress:
-        config = {
-            "task": task, "cfg": cfg, "run": run, "local": local, "use_gpu": gpu, "seed": runtime.seed,
-            "sync_bn": cfg.sync_bn, "threads": None if gpu or local else runtime.cpus_per_worker, "progress": progress,
-        }
-        start = time.perf_counter()
-        result = _run(TorchTrainer(
-            train_worker,
-            train_loop_config=config,
-            scaling_config=ScalingConfig(
-                num_workers=runtime.num_workers,
-                use_gpu=gpu,
-                resources_per_worker=None if gpu else {"CPU": runtime.cpus_per_worker},
-            ),
-            run_config=RunConfig(
-                name=name,
-                storage_path=storage,
-                failure_config=FailureConfig(max_failures=runtime.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=NUM_TO_KEEP),
-            ),
-        ))
+        result = _run(_trainer(_worker_config(task, cfg, runtime, run, local, gpu, progress), runtime, storage, name))
     final = LocalRun(run).latest() if local else result.checkpoint
     if final is None:
         raise RuntimeError(f"{type(task).__name__}: training reported no checkpoint to {run}")
-    summary = dict(result.return_value)
-    summary["files"] = export_artifact(final, out_dir)
-    summary["tensorboard"] = TENSORBOARD if (out_dir / TENSORBOARD).is_dir() else None
-    summary["checkpoint"] = final.path
-    summary["wall_seconds"] = round(time.perf_counter() - start, 2)
+    summary = {**result.return_value, "files": export_artifact(final, out_dir), "checkpoint": final.path,
+               "tensorboard": TENSORBOARD if (out_dir / TENSORBOARD).is_dir() else None,
+               "wall_seconds": round(time.perf_counter() - start, 2)}
     log.info("%s: %d steps in %.1fs (%.1f images/s), files %s in %s", type(task).__name__, summary["steps"],
              summary["wall_seconds"], summary["images_per_s"], sorted(summary["files"]), out_dir)
     return summary

@@ -2,17 +2,20 @@
 
 Gradients are averaged by DDP (`ray.train.torch.prepare_model`); checkpoints go through
 `ray.train.report` and come back through `ray.train.get_checkpoint`, so no rank ever reads
-another node's disk.
+another node's disk. `TrainWorker` is one rank's run in named steps: set up the process,
+build the model, resume from a checkpoint, build the optimizer, then train (`run`): steps
+(`edgesam.train.step.TrainStep`, no host sync), a logged record every `log_every` steps and
+a checkpoint every `checkpoint_every`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,7 +37,9 @@ from edgesam.train.checkpoint import (
     write_state,
 )
 from edgesam.train.events import EventLog
+from edgesam.train.progress import ProgressCallback
 from edgesam.train.schedule import build_scheduler, scaled_lr
+from edgesam.train.step import LogWindow, NonFiniteGuard, TrainStep, build_optimizer
 from edgesam.train.task import TrainTask
 
 log = logging.getLogger("edgesam.train")
@@ -43,20 +48,37 @@ log = logging.getLogger("edgesam.train")
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stopped without touching the last checkpoint."""
 
-    def __init__(self, step: int, loss: float, checkpoint: str | None, checkpoint_step: int | None):
-        self.step, self.loss = step, loss
+    def __init__(self, step: int, loss: float, checkpoint: str | None, checkpoint_step: int | None,
+                 samples: list[str] | None = None):
+        self.step, self.loss, self.samples = step, loss, samples
         self.checkpoint, self.checkpoint_step = checkpoint, checkpoint_step
         where = (
             f"the last good checkpoint is {checkpoint} (step {checkpoint_step}), left intact"
             if checkpoint else "no checkpoint was written yet"
         )
+        batch = f" on the batch of samples {', '.join(samples)}" if samples else ""
         super().__init__(
-            f"non-finite loss ({loss}) at step {step}; training stopped, {where}. "
+            f"non-finite loss ({loss}) at step {step}{batch}; training stopped, {where}. "
             "Lower the learning rate or tighten grad_clip, then rerun to resume."
         )
 
     def __reduce__(self):
-        return (type(self), (self.step, self.loss, self.checkpoint, self.checkpoint_step))
+        return (type(self), (self.step, self.loss, self.checkpoint, self.checkpoint_step, self.samples))
+
+
+@dataclass
+class WorkerConfig:
+    """What every Ray Train worker runs; `fit` passes it as `train_loop_config={"worker": ...}`
+    (Ray's config is a dict)."""
+
+    task: TrainTask
+    train: TrainConfig
+    run: str  # <storage>/<run name>: where checkpoints and the live event file go
+    local: bool = False  # in-process (runtime.num_workers 0): checkpoints kept by a LocalRun
+    use_gpu: bool = False
+    seed: int = 0
+    threads: int | None = None  # torch threads of a CPU worker
+    progress: ProgressCallback | None = None  # rank 0's progress sink
 
 
 def total_steps(cfg: TrainConfig, num_samples: int, world_size: int) -> tuple[int, int]:
@@ -69,7 +91,7 @@ def total_steps(cfg: TrainConfig, num_samples: int, world_size: int) -> tuple[in
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
-    """Move every tensor in a (nested) batch to `device`."""
+    """Move every tensor in a (nested) batch to `device` (asynchronously from pinned memory)."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
@@ -103,26 +125,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# Parameters of these layers (and every 1-D parameter) are not decayed with `no_decay_norm_bias`.
-NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
-
-
-def param_groups(model: nn.Module, trainable: list[nn.Parameter], weight_decay: float,
-                 no_decay_norm_bias: bool) -> list[dict[str, Any]]:
-    """AdamW parameter groups of `trainable`: one group, or with `no_decay_norm_bias` a second
-    one with weight decay 0 for biases, other 0-/1-D parameters and normalization layers'
-    parameters (decaying norm scales and biases only pulls them towards 0)."""
-    if not no_decay_norm_bias:
-        return [{"params": trainable, "weight_decay": weight_decay}]
-    exempt = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
-    exempt |= {id(p) for name, p in model.named_parameters() if p.ndim <= 1 or name.endswith(".bias")}
-    groups = [
-        {"params": [p for p in trainable if id(p) not in exempt], "weight_decay": weight_decay},
-        {"params": [p for p in trainable if id(p) in exempt], "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
-
-
 class TaskForward(nn.Module):
     """The task's loss as the forward of one module, which the loop wraps in DDP.
 
@@ -138,31 +140,25 @@ class TaskForward(nn.Module):
         self.task = task
         self.model = model
 
-    def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         return self.task.loss(self.model, batch)
 
 
 def _prepare(task: TrainTask, model: nn.Module, device: torch.device) -> nn.Module:
-    """`TaskForward(task, model)` on `device`, in DDP when world > 1.
+    """`TaskForward(task, model)` on `device`, in DDP when world > 1, set as the official code sets it.
 
-    `find_unused_parameters=True`: trainable parameters that the loss does not use (e.g. the
-    IoU head in phase 2) are marked ready instead of stalling the reducer, and those unused on
-    every rank keep `grad=None`, so AdamW skips them (no weight decay); measured in
-    tests/test_train_cluster.py.
+    `find_unused_parameters` (the task's attribute, default True) costs a graph traversal per
+    step: tasks whose loss reaches every trainable parameter set it False. With it, trainable
+    parameters that the loss does not use (e.g. the IoU head in phase 2) are marked ready
+    instead of stalling the reducer, and those unused on every rank keep `grad=None`, so AdamW
+    skips them (no weight decay); measured in tests/test_train_cluster.py.
+    `broadcast_buffers=False`: no copy of rank 0's buffers before every forward.
     """
     import ray.train.torch
 
-    return ray.train.torch.prepare_model(
-        TaskForward(task, model), move_to_device=device, parallel_strategy_kwargs={"find_unused_parameters": True}
-    )
-
-
-def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
-    value = value.detach().float().reshape(1)
-    if world > 1:
-        dist.all_reduce(value)
-        value /= world
-    return float(value)
+    kwargs = {"find_unused_parameters": getattr(task, "find_unused_parameters", True), "broadcast_buffers": False}
+    return ray.train.torch.prepare_model(TaskForward(task, model), move_to_device=device,
+                                         parallel_strategy_kwargs=kwargs)
 
 
 def _gather(obj: Any, world: int) -> list[Any]:
@@ -173,159 +169,183 @@ def _gather(obj: Any, world: int) -> list[Any]:
     return out
 
 
-def train_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train's `train_loop_per_worker`: train `config["task"]`; report checkpoints.
+class TrainWorker:
+    """One rank's training run (`train_worker`). Every rank resumes from the same checkpoint
+    (`ray.train.get_checkpoint()`: the run's latest, after a worker restart or a rerun with the
+    same storage and name). Every `checkpoint_every` steps and at the end, rank 0 writes the
+    state into a temporary directory and reports it; the other ranks report metrics only. The
+    final checkpoint also holds the task's files (`task.save`) and the TensorBoard event file
+    (`EventLog`), which `fit` copies to the artifact directory. Rank 0 hands every logged
+    record to `config.progress` (`edgesam.train.progress`), when set."""
 
-    Every rank resumes from the same checkpoint (`ray.train.get_checkpoint()`: the run's
-    latest, after a worker restart or a rerun with the same storage and name). Every
-    `checkpoint_every` steps and at the end, rank 0 writes the state into a temporary
-    directory and reports it; the other ranks report metrics only. The final checkpoint
-    also holds the task's files (`task.save`) and the TensorBoard event file (`EventLog`),
-    which `fit` copies to the artifact directory. Rank 0 hands every logged record to
-    `config["progress"]` (`edgesam.train.progress`), when set.
-    """
-    import ray.train
-    import ray.train.torch
-    from ray.train import Checkpoint
+    def __init__(self, config: WorkerConfig):
+        import ray.train
+        import ray.train.torch
 
-    task: TrainTask = config["task"]
-    cfg: TrainConfig = config["cfg"]
-    run: str = config["run"]
-    local_run = LocalRun(run) if config["local"] else None
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
-    if config.get("threads"):
-        torch.set_num_threads(config["threads"])
-    is_main = rank == 0
-    if is_main:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        self.config, self.task, self.cfg = config, config.task, config.train
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
+        self.is_main = self.rank == 0
+        self.local_run = LocalRun(config.run) if config.local else None
+        self._set_up_process()
+        model, trainable = self._build_model()
+        self.checkpoint = ray.train.get_checkpoint() or (self.local_run.latest() if self.local_run else None)
+        state, self.finished = load_state(self.checkpoint) if self.checkpoint is not None else (None, False)
+        if state is not None:
+            model.load_state_dict(state["model"])  # the same checkpoint on every rank
+        self.model = model
+        self.forward = _prepare(self.task, model, self.device)
+        _seed_everything(config.seed + 1000 * self.rank)
+        self.steps_per_epoch, self.steps = total_steps(self.cfg, self.task.num_samples(), self.world)
+        self._build_optimizer(trainable)
+        self.step, self.history, self.checkpoint_step = 0, [], None
+        if state is not None:
+            self._resume(state)
+        self.start_step = self.step
 
-    _seed_everything(config["seed"])  # identical initial weights on every rank
-    model = task.build_model()
-    if config["sync_bn"] and world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # keeps the Parameter objects
-    trainable = list(task.parameters(model))
-    trainable_ids = {id(p) for p in trainable}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in trainable_ids)  # frozen: outside DDP and the optimizer
+    def _set_up_process(self) -> None:
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels once
+        if self.is_main:
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    checkpoint = ray.train.get_checkpoint() or (local_run.latest() if local_run else None)
-    state, finished = load_state(checkpoint) if checkpoint is not None else (None, False)
-    if state is not None:
-        model.load_state_dict(state["model"])  # the same checkpoint on every rank
-    forward = _prepare(task, model, device)
-    _seed_everything(config["seed"] + 1000 * rank)
+    def _build_model(self) -> tuple[nn.Module, list[nn.Parameter]]:
+        """The task's model with identical initial weights on every rank; only `task.parameters` train."""
+        _seed_everything(self.config.seed)
+        model = self.task.build_model()
+        if self.cfg.sync_bn and self.world > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # keeps the Parameter objects
+        trainable = list(self.task.parameters(model))
+        trainable_ids = {id(p) for p in trainable}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trainable_ids)  # frozen: outside DDP and the optimizer
+        return model, trainable
 
-    steps_per_epoch, steps = total_steps(cfg, task.num_samples(), world)
-    lr = scaled_lr(cfg.lr, cfg.batch_size, world, cfg.lr_ref_batch)
-    optimizer = torch.optim.AdamW(param_groups(model, trainable, cfg.weight_decay, cfg.no_decay_norm_bias), lr=lr)
-    scheduler = build_scheduler(optimizer, steps, cfg.warmup_steps, cfg.min_lr_ratio, cfg.warmup_start_ratio,
-                                cfg.cosine_from_start)
-    amp = cfg.amp and device.type == "cuda"
+    def _build_optimizer(self, trainable: list[nn.Parameter]) -> None:
+        cfg = self.cfg
+        self.lr = scaled_lr(cfg.lr, cfg.batch_size, self.world, cfg.lr_ref_batch)
+        self.optimizer = build_optimizer(self.model, trainable, cfg, self.lr)
+        self.scheduler = build_scheduler(self.optimizer, self.steps, cfg.warmup_steps, cfg.min_lr_ratio,
+                                         cfg.warmup_start_ratio, cfg.cosine_from_start)
+        self.amp = cfg.amp and self.device.type == "cuda"
+        self.guard = NonFiniteGuard(self.device)
+        self.train_step = TrainStep(self.forward, self.optimizer, trainable, cfg.grad_clip, self.guard, self.world,
+                                    self.amp)
 
-    step, history, ckpt_step = 0, [], None
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, history, ckpt_step = state["step"], list(state["history"]), state["step"]
-        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-        if step > steps or (step == steps and not finished):
+    def _resume(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.history, self.checkpoint_step = state["step"], list(state["history"]), state["step"]
+        set_rng_state(state["rng"][self.rank] if self.rank < len(state["rng"]) else state["rng"][0])
+        if self.step > self.steps or (self.step == self.steps and not self.finished):
             raise ValueError(
-                f"{run}: the checkpoint at step {step} does not belong to a run of {steps} steps; "
-                "the run's name or storage is reused by another configuration"
+                f"{self.config.run}: the checkpoint at step {self.step} does not belong to a run of {self.steps} "
+                "steps; the run's name or storage is reused by another configuration"
             )
-        if is_main:
-            log.info("resuming from %s at step %d/%d", checkpoint.path, step, steps)
-    start_step = step
-    progress = config.get("progress") if is_main else None
-    events = EventLog(run, history) if is_main and step < steps else None
+        if self.is_main:
+            log.info("resuming from %s at step %d/%d", self.checkpoint.path, self.step, self.steps)
 
-    def report(final: bool) -> None:
+    def run(self) -> dict[str, Any]:
+        """Train to the last step; the summary `fit` returns (steps, history, time, throughput)."""
+        self._log_start()
+        self.forward.train()
+        stream = _batch_stream(self.task, self.rank, self.world, self.cfg.batch_size, self.steps_per_epoch, self.step)
+        bar = tqdm(total=self.steps, initial=self.step, desc=type(self.task).__name__, disable=not self.is_main,
+                   mininterval=2.0)
+        events = EventLog(self.config.run, self.history) if self.is_main and self.step < self.steps else None
+        window, start, images_total = LogWindow(), time.perf_counter(), 0
+        try:
+            while self.step < self.steps:
+                batch = move_to(next(stream), self.device)
+                loss, metrics = self.train_step(batch, self.step + 1)
+                self.scheduler.step()
+                self.step += 1
+                images = self.task.batch_size_of(batch) * self.world
+                window.add(loss, metrics, images)
+                images_total += images
+                bar.update(1)
+                self._at_step_end(window, events, bar)
+        finally:
+            if events is not None:
+                events.close()
+        bar.close()
+        seconds = time.perf_counter() - start
+        return {"steps": self.steps, "start_step": self.start_step, "history": self.history,
+                "train_seconds": round(seconds, 2), "images_per_s": images_total / max(seconds, 1e-9)}
+
+    def _log_start(self) -> None:
+        if not self.is_main:
+            return
+        log.info("%s: %d steps (%d per epoch), %d worker(s) x batch %d, peak lr %.2e, device %s%s",
+                 type(self.task).__name__, self.steps, self.steps_per_epoch, self.world, self.cfg.batch_size, self.lr,
+                 self.device, ", bf16 autocast" if self.amp else "")
+        if self.finished:
+            log.info("%s: already trained (%s)", type(self.task).__name__, self.checkpoint.path)
+
+    def _at_step_end(self, window: LogWindow, events: EventLog | None, bar: tqdm) -> None:
+        """The host's part of a step: at logging and checkpoint steps only, read the device back."""
+        last = self.step == self.steps
+        log_now = self.step % self.cfg.log_every == 0 or last
+        checkpoint_now = self.step % self.cfg.checkpoint_every == 0 or last
+        if log_now or checkpoint_now:
+            self._raise_if_non_finite()
+        if log_now:
+            self._log(window.record(self.step, self.scheduler.get_last_lr()[0]), events, bar)
+            window.reset()
+        if checkpoint_now:
+            self._report_checkpoint(final=last, events=events)
+
+    def _raise_if_non_finite(self) -> None:
+        found = self.guard.check()
+        if found is None:
+            return
+        step, loss, samples = found
+        ckpt = self.checkpoint_step
+        where = f"{self.config.run}/{checkpoint_dir_name(ckpt)}" if ckpt is not None else None
+        raise NonFiniteLossError(step, loss, where, ckpt, samples)
+
+    def _log(self, record: dict[str, Any], events: EventLog | None, bar: tqdm) -> None:
+        self.history.append(record)
+        if not self.is_main:
+            return
+        bar.set_postfix(loss=f"{record['loss']:.4f}", ips=f"{record['images_per_s']:.1f}")
+        log.info("step %d/%d loss %.4f lr %.2e %.1f images/s", self.step, self.steps, record["loss"], record["lr"],
+                 record["images_per_s"])
+        events.log(record)
+        if self.config.progress is not None:
+            self.config.progress(self.step, self.steps, record)
+
+    def _report_checkpoint(self, final: bool, events: EventLog | None) -> None:
         """Report a checkpoint of the current step (collective: every rank calls it)."""
-        nonlocal ckpt_step
-        rngs = _gather(rng_state(), world)
-        name = checkpoint_dir_name(step)
-        metrics = {**(history[-1] if history else {}), "step": step}  # the last logged window
+        import ray.train
+        from ray.train import Checkpoint
+
+        rngs = _gather(rng_state(), self.world)
+        name = checkpoint_dir_name(self.step)
+        metrics = {**(self.history[-1] if self.history else {}), "step": self.step}  # the last logged window
         with tempfile.TemporaryDirectory() as tmp:
-            if is_main:
+            if self.is_main:
                 write_state(Path(tmp), {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "step": step, "rng": rngs, "history": history,
+                    "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "step": self.step, "rng": rngs,
+                    "history": self.history,
                 })
                 if final:
                     (Path(tmp) / ARTIFACT).mkdir()
-                    write_artifact(Path(tmp), task.save(model, Path(tmp) / ARTIFACT))
+                    write_artifact(Path(tmp), self.task.save(self.model, Path(tmp) / ARTIFACT))
                     events.copy_to(Path(tmp))
-            if local_run is not None:
-                local_run.persist(Path(tmp), name)
+            if self.local_run is not None:
+                self.local_run.persist(Path(tmp), name)
                 ray.train.report(metrics)
             else:
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if is_main else None,
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if self.is_main else None,
                                  checkpoint_dir_name=name)
-        ckpt_step = step
+        self.checkpoint_step = self.step
 
-    if is_main:
-        log.info("%s: %d steps (%d per epoch), %d worker(s) x batch %d, peak lr %.2e, device %s%s",
-                 type(task).__name__, steps, steps_per_epoch, world, cfg.batch_size, lr, device,
-                 ", bf16 autocast" if amp else "")
-        if finished:
-            log.info("%s: already trained (%s)", type(task).__name__, checkpoint.path)
-    forward.train()
-    stream = _batch_stream(task, rank, world, cfg.batch_size, steps_per_epoch, step)
-    bar = tqdm(total=steps, initial=step, desc=type(task).__name__, disable=not is_main, mininterval=2.0)
-    window_images, window_start, window_losses = 0, time.perf_counter(), []
-    window_metrics: dict[str, list[float]] = {}
-    start = time.perf_counter()
-    images_total = 0
-    try:
-        while step < steps:
-            batch = move_to(next(stream), device)
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-            with autocast:
-                loss, metrics = forward(batch)
-            optimizer.zero_grad(set_to_none=True)  # unused parameters keep grad None: AdamW skips them
-            loss.backward()
-            loss_value = _mean_over_ranks(loss, world)
-            if not math.isfinite(loss_value):
-                where = f"{run}/{checkpoint_dir_name(ckpt_step)}" if ckpt_step is not None else None
-                raise NonFiniteLossError(step + 1, loss_value, where, ckpt_step)
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            images = task.batch_size_of(batch) * world
-            window_images += images
-            images_total += images
-            window_losses.append(loss_value)
-            for key, value in metrics.items():
-                window_metrics.setdefault(key, []).append(float(value))
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == steps:
-                elapsed = time.perf_counter() - window_start
-                record = {
-                    "step": step, "loss": float(np.mean(window_losses)), "lr": scheduler.get_last_lr()[0],
-                    "images_per_s": window_images / max(elapsed, 1e-9),
-                    **{k: float(np.mean(v)) for k, v in window_metrics.items()},
-                }
-                history.append(record)
-                if is_main:
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", ips=f"{record['images_per_s']:.1f}")
-                    log.info("step %d/%d loss %.4f lr %.2e %.1f images/s", step, steps, record["loss"],
-                             record["lr"], record["images_per_s"])
-                    events.log(record)
-                    if progress is not None:
-                        progress(step, steps, record)
-                window_images, window_start, window_losses, window_metrics = 0, time.perf_counter(), [], {}
-            if step % cfg.checkpoint_every == 0 or step == steps:
-                report(final=step == steps)
-    finally:
-        if events is not None:
-            events.close()
-    bar.close()
-    seconds = time.perf_counter() - start
-    return {
-        "steps": steps, "start_step": start_step, "history": history, "train_seconds": round(seconds, 2),
-        "images_per_s": images_total / max(seconds, 1e-9),
-    }
+
+def train_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train's `train_loop_per_worker`: `TrainWorker(config["worker"]).run()`."""
+    return TrainWorker(config["worker"]).run()

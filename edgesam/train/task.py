@@ -15,6 +15,9 @@ class TrainTask(Protocol):
 
     A task is a small picklable object (e.g. a dataclass of paths and settings): it is
     shipped to every Ray Train worker, which builds the model and reads its data shard.
+
+    Optional attribute `find_unused_parameters` (default True): False tells DDP that the loss
+    reaches every trainable parameter, which spares it a search of the graph every step.
     """
 
     def build_model(self) -> nn.Module:
@@ -29,8 +32,10 @@ class TrainTask(Protocol):
     def batches(self, rank: int, world_size: int, epoch: int, batch_size: int) -> Iterable[Any]:
         """This worker's batches of `epoch`, deterministic in (rank, world_size, epoch)."""
 
-    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
-        """Scalar loss of a batch (already on the model's device) and metrics to log.
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+        """Scalar loss of a batch (already on the model's device) and metrics to log: floats or
+        0-d tensors, which the loop keeps on the device and reads back only at logging steps
+        (a `.item()` here would make every step wait for the device).
 
         `model` is the bare model; the loop calls this inside the forward of the module it
         wraps in DDP, so the loss may call any sub-module or method of `model`. Trainable
