@@ -142,7 +142,7 @@ def measure(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             args.warmup, args.repeats)
     if not args.skip_onnx:
         onnx_rows(student, m_student, m_image, m_emb, m_box, box, image, emb, args, add)
-    del student
+    student = None  # freed before the ViT rows (the closures above have run)
 
     for kind, warmup, repeats in (("vit_b", 1, args.vit_b_repeats), ("vit_h", 0, args.vit_h_repeats)):
         if repeats == 0:

@@ -20,7 +20,7 @@ from flows.caching import ManifestCache, retry_on_transient_io
 from flows.evaluation import publish_evaluation
 from flows.params import Profile, StageName, TeacherKind, pipeline_config
 from flows.training import StageProgress, publish_training_curves
-from pipelines.stage import PlannedStage, check_upstream, plan, run_stage, select
+from pipelines.stage import PlannedStage, check_upstream, plan, preflight, run_stage, select
 from pipelines.stage import status as plan_status
 
 STAGE_LOGGERS = ("edgesam", "pipelines")
@@ -152,6 +152,9 @@ def edgesam(
         cfg = cfg.model_copy(update={"runtime": resolve_device(cfg.runtime)})  # GPUs or not, once
         planned = plan(cfg)  # once: every stage of this run agrees on the fingerprints
         check_upstream(selected, ArtifactStore(cfg.runtime.work_dir), planned)
+        check = preflight(cfg, ArtifactStore(cfg.runtime.work_dir), selected, forced, planned)
+        if check is not None:
+            logger.info("backbone %s: pre-flight check passed in %.1fs", check.backbone, check.seconds)
         create_table_artifact(plan_status(cfg, ArtifactStore(cfg.runtime.work_dir), forced), key=f"edgesam-plan-{cfg.profile}",
                               description="per stage: cached, stale or will run, and why (python -m pipelines plan)")
         logger.info("profile %s, artifacts under %s, stages %s%s", cfg.profile, cfg.runtime.work_dir,

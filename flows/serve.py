@@ -1,4 +1,5 @@
-"""Serve the deployments `edgesam/full` and `edgesam-eval/nightly` (02:00 daily, UTC).
+"""Serve the deployments `edgesam/full`, `edgesam-eval/nightly` (02:00 daily, UTC),
+`edgesam-ablations/default` and `edgesam-sweep/default`.
 
     prefect server start --host 127.0.0.1          # in one terminal
     PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.serve
@@ -12,6 +13,7 @@ from prefect.schedules import Cron
 
 from flows.ablations import edgesam_ablations
 from flows.pipeline import edgesam, edgesam_eval
+from flows.sweep import edgesam_sweep
 
 NIGHTLY_CRON = "0 2 * * *"
 NIGHTLY_TIMEZONE = "UTC"
@@ -39,6 +41,12 @@ def deployments() -> list[RunnerDeployment]:
             name="default",
             description="The paper's phase-2 ablations: prompt_kd reruns from the cached upstream, one table.",
             tags=["edgesam", "ablations"],
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        ),
+        edgesam_sweep.to_deployment(
+            name="default",
+            description="Student backbones distilled from one teacher through the whole DAG, one leaderboard.",
+            tags=["edgesam", "sweep"],
             entrypoint_type=EntrypointType.MODULE_PATH,
         ),
     ]

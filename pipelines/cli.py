@@ -20,7 +20,8 @@ from edgesam.config import (STAGES, ConfigError, PipelineConfig, available_profi
                             profile_summary, validate_before_work)
 from edgesam.store.verify import verify_store
 from edgesam.store.files import DamagedArtifactError
-from pipelines.stage import MissingUpstreamError, run_dag, stage_module, status
+from edgesam.models.backbones import BackboneCheckError
+from pipelines.stage import MissingUpstreamError, plan, preflight, run_dag, select, stage_module, status
 
 
 def overview(stages: bool) -> str:
@@ -71,8 +72,13 @@ def main(argv: Sequence[str] | None = None, stage: str | None = None) -> None:
         _inspect(name, cfg, store, STAGES if args.force else ())
         return
     stages = None if name == "all" else [name]
+    force = (stages or STAGES) if args.force else ()
     try:
-        results = run_dag(cfg, store, stages=stages, force=(stages or STAGES) if args.force else ())
+        preflight(cfg, store, *select(stages, force), plan(cfg))
+    except BackboneCheckError as exc:
+        parser.exit(2, f"{parser.prog}: error: invalid configuration: {exc}\n")
+    try:
+        results = run_dag(cfg, store, stages=stages, force=force)
     except (DamagedArtifactError, MissingUpstreamError) as exc:
         parser.exit(1, f"{parser.prog}: error: {exc}\n")
     for stage_name, (artifact, cached) in results.items():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import platform
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from edgesam.eval.stats import comparisons
 from edgesam.metrics import summarize
 from edgesam.models.edgesam import load_edgesam
 from edgesam.models.rpn import PRIOR_RULES, load_rpn
-from edgesam.models.teacher import TeacherSource
+from edgesam.eval.teacher_reuse import teacher_results
 from edgesam.eval.report import TRAINING_STAGES, write_report
 from edgesam.eval.tables import training_curve
 
@@ -46,37 +47,37 @@ def runtime_key(cfg: EvaluateConfig, runtime: RuntimeConfig) -> dict[str, Any]:
 
 
 def run(cfg: EvaluateConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
-    teacher = TeacherSource.from_artifact(inputs["teacher"]).load()
     phase1, phase2 = (load_edgesam(inputs[s].path / inputs[s].manifest["student"], fuse=True)
                       for s in ("encoder_kd", "prompt_kd"))
     rpn_manifest = inputs["rpn"].manifest
     rpn = load_rpn(inputs["rpn"].path / rpn_manifest["rpn"])
-    models = [Segmenter("teacher", teacher), Segmenter("encoder_kd", phase1),
-              Segmenter("prompt_kd", phase2)]
+    models = [Segmenter("encoder_kd", phase1), Segmenter("prompt_kd", phase2)]
     priors = [Segmenter(f"prompt_kd+rpn:{name}", phase2, rpn, rule) for name, rule in PRIOR_RULES.items()]
     protocols = [protocol(name, cfg.refine_iters) for name in cfg.protocols]
+    data = inputs["data"].manifest
+    coco_sets = {"coco": (data["coco_val"], data["coco_images"])} | {k: tuple(map(str, v)) for k, v in cfg.extra_sets.items()}
+    sets = {"sa1b": (partial(shard_items, list_shards(inputs["shard"].path, "val"), cfg.max_images,
+                             cfg.max_annotations_per_image, runtime.seed), cfg.overlay_images)}
+    sets |= {name: (partial(coco_items, annotations, images, cfg.max_images), 0) for name, (annotations, images) in coco_sets.items()}
+    teacher = teacher_results(inputs, cfg, runtime.seed, sets, protocols)  # once per teacher and val data
 
     log.info("evaluating %s on the SA-1B-format val shards (%s)", ", ".join(m.name for m in models),
              ", ".join(cfg.protocols))
-    sa1b = shard_items(list_shards(inputs["shard"].path, "val"), cfg.max_images, cfg.max_annotations_per_image,
-                       runtime.seed)
-    records, overlays, _ = evaluate(models, sa1b, "sa1b", protocols, runtime.seed, overlays=cfg.overlay_images)
-    data = inputs["data"].manifest
-    coco_sets = {"coco": (data["coco_val"], data["coco_images"])} | {k: tuple(map(str, v)) for k, v in cfg.extra_sets.items()}
+    records, overlays, _ = evaluate(models, sets["sa1b"][0](), "sa1b", protocols, runtime.seed, overlays=cfg.overlay_images)
     prior_stats = {}
     for name, (annotation_file, images) in coco_sets.items():
         log.info("evaluating on %s (%s), RPN off and on", name, annotation_file)
-        found, _, stats = evaluate([*models, *priors], coco_items(annotation_file, images, cfg.max_images), name,
-                                   protocols, runtime.seed)
+        found, _, stats = evaluate([*models, *priors], sets[name][0](), name, protocols, runtime.seed)
         for key in records:
             records[key] += found[key]
         prior_stats[name] = {model: asdict(s) for model, s in stats.items()}
+    teacher.merge_into(records, overlays)
     miou = {key: summarize(value) for key, value in records.items()}
     intervals = {key: comparisons(value) for key, value in records.items()}
     write_text_atomic(out / IOUS_FILE, records_jsonl(records))
 
     log.info("measuring speed (%d repeats)", cfg.speed_repeats)
-    speed = {m.name: model_speed(m.sam, cfg.speed_repeats) for m in models}
+    speed = {"teacher": teacher.speed} | {m.name: model_speed(m.sam, cfg.speed_repeats) for m in models}
     speed["prompt_kd+rpn"] = model_speed(phase2, cfg.speed_repeats, rpn)
     chosen = f"prompt_kd+rpn:{rpn_manifest['merge']}"
     prior = {
@@ -89,6 +90,7 @@ def run(cfg: EvaluateConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact]
     metrics = {
         "protocols": {p.name: asdict(p) for p in protocols}, "miou": miou, "comparisons": intervals, "speed": speed,
         "granularity_prior": prior,
+        "backbone": phase2.image_encoder.backbone_name,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s)",
         "headline": {
             "label": f"SA-1B val mIoU (box and point prompts, mean; protocol {headline})",

@@ -30,6 +30,7 @@ from typing import Any, Iterable
 from edgesam.artifacts import Artifact, ArtifactStore, clear_partial_writes, fingerprint
 from edgesam.cluster import resolve_device
 from edgesam.config import STAGES, PipelineConfig, RuntimeConfig, cache_view
+from edgesam.models.backbones import BackboneCheck, require_student
 from edgesam.store.code import code_version, environment, module_digests
 from edgesam.store.explain import nearest_committed, reasons
 from edgesam.store.files import content_digest, list_files
@@ -181,6 +182,19 @@ def run_dag(
     planned = plan(cfg)
     check_upstream(selected, store, planned)
     return {name: run_stage(name, cfg, store, force=name in forced, planned=planned[name]) for name in selected}
+
+
+def preflight(cfg: PipelineConfig, store: ArtifactStore, selected: Iterable[str], forced: Iterable[str],
+              planned: dict[str, PlannedStage]) -> BackboneCheck | None:
+    """Check the student backbone (`edgesam.models.backbones`, seconds) before any stage runs when
+    this run will build one: encoder_kd selected, not committed (or forced), not started from
+    `init`. A backbone that cannot work raises `BackboneCheckError` naming `encoder_kd.backbone`
+    here, not hours later inside a Ray worker after data, shard and embed."""
+    if "encoder_kd" not in set(selected) or cfg.encoder_kd.init is not None:
+        return None
+    if "encoder_kd" not in set(forced) and store.artifact("encoder_kd", planned["encoder_kd"].fingerprint).complete:
+        return None
+    return require_student(cfg.encoder_kd, cfg.shard.target_size)
 
 
 def status(cfg: PipelineConfig, store: ArtifactStore, forced: Iterable[str] = ()) -> list[dict[str, str]]:

@@ -32,7 +32,7 @@ def test_upsampling_matches_postprocess_masks(student_256):
 
 
 def test_proposals_and_prior_boxes_match_the_pytorch_prior():
-    """Fails when a PyTorch prior rule (models/rpn.py) changes until numpy_rpn follows it."""
+    """Fails when a PyTorch prior rule (models/rpn.py) changes until edgesam.client.prior follows it."""
     torch.manual_seed(0)
     rpn = RPN([8, 16, 32], channels=16, num_convs=1).eval()
     rpn.objectness.bias.data.fill_(0.0)

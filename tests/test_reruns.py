@@ -230,6 +230,9 @@ def test_external_inputs_are_keyed_by_content_not_place(tmp_path, monkeypatch):
     ("encoder_kd.batch_size=many", "encoder_kd.batch_size"),
     ("data.sa1b_path=/no/such/dir", "data.sa1b_path"),
     ("teacher.kind=vit_h", "teacher.checkpoint"),
+    ("data.coco_images=.", "data.coco_images"),  # an existing path the generated benchmark would ignore
+    ("encoder_kd.backbone=repvit_m9", "encoder_kd.backbone"),  # timm has no such model
+    ("encoder_kd.backbone=vit_tiny_patch16_224", "encoder_kd.backbone"),  # one stride-16 map, no 8 or 32
 ])
 def test_config_mistakes_exit_2_before_any_stage(tmp_path, capsys, setting, key):
     with pytest.raises(SystemExit) as exit_:

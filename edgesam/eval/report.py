@@ -28,7 +28,8 @@ def write_report(metrics: dict[str, Any], overlays: Sequence[Overlay], out: Path
     first = next(iter(metrics["protocols"]))
     plot_miou_by_prompt(miou[first], out / MIOU_PLOT)
     plot_speed_vs_miou(speed, headline["miou"], out / SPEED_PLOT, headline["label"])
-    lines = ["# EdgeSAM evaluation", "", "IoU per annotation at the image's resolution, averaged over annotations.", ""]
+    student = f", student `{metrics['backbone']}`" if "backbone" in metrics else ""
+    lines = [f"# EdgeSAM evaluation{student}", "", "IoU per annotation at the image's resolution, averaged over annotations.", ""]
     for name, protocol in metrics["protocols"].items():
         lines += [f"## mIoU, protocol `{name}`", "", describe_protocol(protocol), "", *miou_tables(miou[name], name),
                   *comparison_table(metrics["comparisons"][name], name)]
