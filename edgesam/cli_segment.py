@@ -169,7 +169,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     paths = image_paths(args.image)
     predictor = make_predictor(args, args.rpn)
     args.out.mkdir(parents=True, exist_ok=True)
-    for path in tqdm(paths, desc="predict", unit="img", disable=len(paths) == 1):
+    for path in tqdm(paths, desc="predict", unit="img", disable=True if len(paths) == 1 else None):
         image = load_image(path)
         start = time.perf_counter()
         try:
@@ -233,7 +233,7 @@ def mask_generator(predictor: Any, args: argparse.Namespace, point_grid: np.ndar
         pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh,
         output_mode="coco_rle")
     generator.predictor = facade
-    generator.bar = tqdm(total=len(generator.point_grids[0]), desc="everything", unit="prompt")
+    generator.bar = tqdm(total=len(generator.point_grids[0]), desc="everything", unit="prompt", disable=None)
     return generator
 
 

@@ -38,7 +38,7 @@ def _embed_missing(jobs: list[tuple[str, Path, int]], cfg: EmbedConfig, runtime:
     the image count, seconds, and images/s after the first committed shard (pool warm)."""
     connect_ray(runtime)
     summaries, start, first = {}, time.perf_counter(), None
-    with tqdm(total=sum(n for _, _, n in jobs), desc="embed", unit="img", mininterval=2.0) as bar:
+    with tqdm(total=sum(n for _, _, n in jobs), desc="embed", unit="img", mininterval=2.0, disable=None) as bar:
         for summary in embed_shards(jobs, teacher, cfg, use_gpu(runtime)):
             first = first or (time.perf_counter(), summary["samples"])
             summaries[summary["path"]] = summary

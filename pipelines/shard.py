@@ -42,7 +42,7 @@ def run(cfg: ShardConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact], o
     start = time.perf_counter()
     summaries: list[dict] = []
     converted = 0  # images converted by this run (not earlier attempts)
-    with tqdm(total=len(tasks), desc="shard", unit="unit") as progress:
+    with tqdm(total=len(tasks), desc="shard", unit="unit", disable=None) as progress:
         for summary in map_unordered(convert_unit, tasks, cfg.workers, runtime):
             summaries.append(summary)
             converted += 0 if summary["index"] in resumed else sum(summary["samples"].values())

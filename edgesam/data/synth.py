@@ -296,7 +296,7 @@ def write_benchmark(out_dir: str | Path, cfg: DataConfig) -> dict[str, Any]:
     annotation_dir.mkdir(parents=True, exist_ok=True)
     counts: dict[str, Any] = {}
     start = time.perf_counter()
-    with tqdm(total=cfg.num_train + cfg.num_val, desc="synth", unit="img") as progress:
+    with tqdm(total=cfg.num_train + cfg.num_val, desc="synth", unit="img", disable=None) as progress:
         for split in SPLITS:
             coco, masks = write_split(out, split, cfg, progress)
             write_bytes_atomic(annotation_dir / f"instances_{split}.json", json.dumps(coco).encode())

@@ -53,7 +53,7 @@ def evaluate(
     records: dict[str, list[IoURecord]] = {p.name: [] for p in protocols}
     shown: list[Overlay] = []
     stats = {s.name: PriorStats() for s in segmenters if s.rpn is not None}
-    for index, item in enumerate(tqdm(items, desc=f"evaluate {dataset}", unit="img", mininterval=5.0)):
+    for index, item in enumerate(tqdm(items, desc=f"evaluate {dataset}", unit="img", mininterval=5.0, disable=None)):
         if len(item.masks) == 0:
             continue
         sizes = [size_bucket(float(m.sum()), item.image.shape[:2]) for m in item.masks]
@@ -105,7 +105,7 @@ def compare_with_teacher(
     ious: dict[str, dict[str, list[torch.Tensor]]] = {name: {} for name in models}
     for segmenter in models.values():
         segmenter.sam.eval()
-    for index, item in enumerate(tqdm(items, desc="prompt mIoU", unit="img", leave=False)):
+    for index, item in enumerate(tqdm(items, desc="prompt mIoU", unit="img", leave=False, disable=None)):
         if len(item.masks) == 0:
             continue
         gt = torch.as_tensor(item.masks)

@@ -32,7 +32,7 @@ def rpn_detections(sam: Sam, rpn: RPN, annotation_file: str | Path, images_dir: 
     category = min(coco.getCatIds(), default=1)
     size = sam.image_encoder.img_size
     results = []
-    for image_id in tqdm(sorted(coco.getImgIds()), desc="proposals", mininterval=2.0):
+    for image_id in tqdm(sorted(coco.getImgIds()), desc="proposals", mininterval=2.0, disable=None):
         image = read_image(coco, image_id, annotation_file, images_dir)
         x, hw = preprocess(image, size)
         _, features = sam.image_encoder.forward_pyramid(x[None].to(sam.device))

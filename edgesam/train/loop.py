@@ -253,7 +253,7 @@ class TrainWorker:
         self._log_start()
         self.forward.train()
         stream = _batch_stream(self.task, self.rank, self.world, self.cfg.batch_size, self.steps_per_epoch, self.step)
-        bar = tqdm(total=self.steps, initial=self.step, desc=type(self.task).__name__, disable=not self.is_main,
+        bar = tqdm(total=self.steps, initial=self.step, desc=type(self.task).__name__, disable=None if self.is_main else True,
                    mininterval=2.0)
         events = EventLog(self.config.run, self.history) if self.is_main and self.step < self.steps else None
         window, start, images_total = LogWindow(), time.perf_counter(), 0
