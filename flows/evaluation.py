@@ -1,7 +1,8 @@
 """Evaluation results as Prefect artifacts, published by every flow run that includes `evaluate`.
 
-Published under stable keys, so every nightly run adds a version and the UI shows the history:
-`edgesam-eval-<profile>` (the report, plots embedded) and `edgesam-eval-<profile>-metrics` (table).
+Published under stable keys per profile and student backbone, so every rerun adds a version and
+runs of different backbones keep their own history: `edgesam-eval-<profile>-<backbone>` (the
+report, plots embedded) and `edgesam-eval-<profile>-<backbone>-metrics` (table).
 """
 
 from __future__ import annotations
@@ -44,11 +45,18 @@ def embed_images(markdown: str, base: Path) -> str:
     return IMAGE_LINK.sub(inline, markdown)
 
 
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes) from names such as `repvit_m1`."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+
+
 def publish_evaluation(evaluate_dir: Path, profile: str) -> None:
     """The evaluate stage's report (plots inlined) and metrics as Prefect artifacts of this run."""
     metrics = json.loads((evaluate_dir / "metrics.json").read_text())
+    key = artifact_key("edgesam-eval", profile, metrics.get("backbone", "student"))
     report = evaluate_dir / "report.md"
     body = embed_images(report.read_text(), evaluate_dir) if report.is_file() else ""
-    header = f"# EdgeSAM evaluation, profile `{profile}`\n\nEvaluation artifact: `{evaluate_dir}`\n\n"
-    create_markdown_artifact(header + body, key=f"edgesam-eval-{profile}", description="evaluation report")
-    create_table_artifact(flatten(metrics), key=f"edgesam-eval-{profile}-metrics", description="all metrics")
+    header = (f"# EdgeSAM evaluation, profile `{profile}`, student `{metrics.get('backbone', '?')}`\n\n"
+              f"Evaluation artifact: `{evaluate_dir}`\n\n")
+    create_markdown_artifact(header + body, key=key, description="evaluation report")
+    create_table_artifact(flatten(metrics), key=f"{key}-metrics", description="all metrics")

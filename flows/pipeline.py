@@ -177,7 +177,3 @@ def edgesam(
         publish_evaluation(Path(results["evaluate"]["path"]), cfg.profile)
     return results
 
-
-# The nightly evaluation is the same flow under its own name, so both share one parameter
-# definition; its deployment selects and forces the evaluate stage (flows/serve.py).
-edgesam_eval = edgesam.with_options(name="edgesam-eval")

@@ -1,4 +1,4 @@
-"""Serve the deployments `edgesam/full`, `edgesam-eval/nightly` (02:00 daily, UTC),
+"""Serve the deployments `edgesam/full`, `edgesam-nightly/nightly` (02:00 daily, UTC),
 `edgesam-ablations/default` and `edgesam-sweep/default`.
 
     prefect server start --host 127.0.0.1          # in one terminal
@@ -12,12 +12,13 @@ from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.schedules import Cron
 
 from flows.ablations import edgesam_ablations
-from flows.pipeline import edgesam, edgesam_eval
+from flows.nightly import edgesam_nightly
+from flows.pipeline import edgesam
 from flows.sweep import edgesam_sweep
 
 NIGHTLY_CRON = "0 2 * * *"
 NIGHTLY_TIMEZONE = "UTC"
-NIGHTLY_PARAMETERS = {"profile": "default", "stages": ["evaluate", "export"], "force": ["evaluate"]}
+NIGHTLY_PARAMETERS = {"profile": "default", "latest_export": True}
 
 
 def deployments() -> list[RunnerDeployment]:
@@ -28,10 +29,10 @@ def deployments() -> list[RunnerDeployment]:
             tags=["edgesam"],
             entrypoint_type=EntrypointType.MODULE_PATH,
         ),
-        edgesam_eval.to_deployment(
+        edgesam_nightly.to_deployment(
             name="nightly",
-            description="Nightly re-evaluation of the embedded default's trained models (evaluate and export "
-                        "recomputed, upstream from the cache; pass force=[] to publish the committed results).",
+            description="Every aliased model of the registry and the profile's latest export, evaluated on a "
+                        "fixed benchmark unless the ledger has the result; fails on a regression (docs/NIGHTLY.md).",
             schedules=[Cron(NIGHTLY_CRON, timezone=NIGHTLY_TIMEZONE)],
             parameters=NIGHTLY_PARAMETERS,
             tags=["edgesam", "nightly"],

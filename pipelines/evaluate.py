@@ -7,12 +7,15 @@ Models: the teacher, the phase-1 and phase-2 students, and on COCO-format sets t
 student with the RPN granularity prior under both merge rules. Every protocol of
 `evaluate.protocols` runs on the same encodings. Writes `metrics.json`, the per-annotation
 IoUs (`ious.jsonl`), `report.md` and its plots, with the upstream stages' training curves.
+The students' SA-1B results are also appended to the results ledger of the work dir
+(`edgesam.eval.ledger`); a ledger that cannot be written is logged, never fails the stage.
 """
 
 from __future__ import annotations
 
 import logging
 import platform
+import sqlite3
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -23,12 +26,15 @@ import torch
 from edgesam.artifacts import Artifact, write_json_atomic, write_text_atomic
 from edgesam.config import EvaluateConfig, RuntimeConfig
 from edgesam.data.shards import list_shards
+from edgesam.eval.benchmark import Benchmark, append_stage_results
 from edgesam.eval.datasets import coco_items, shard_items
+from edgesam.eval.ledger import Ledger, default_path
 from edgesam.eval.engine import Segmenter, protocol
 from edgesam.eval.miou import evaluate, records_jsonl
 from edgesam.eval.speed import model_speed
 from edgesam.eval.stats import comparisons
 from edgesam.metrics import summarize
+from edgesam.store.code import code_version, module_digests
 from edgesam.models.edgesam import load_edgesam
 from edgesam.models.rpn import PRIOR_RULES, load_rpn
 from edgesam.eval.teacher_reuse import teacher_results
@@ -75,6 +81,15 @@ def run(cfg: EvaluateConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact]
     miou = {key: summarize(value) for key, value in records.items()}
     intervals = {key: comparisons(value) for key, value in records.items()}
     write_text_atomic(out / IOUS_FILE, records_jsonl(records))
+    students = {s: (inputs[s].path / inputs[s].manifest["student"], m.sam.image_encoder.backbone_name)
+                for s, m in zip(("encoder_kd", "prompt_kd"), models)}
+    bench = Benchmark.open(inputs["shard"].path, protocols[0].name, cfg.refine_iters, cfg.max_images,
+                           cfg.max_annotations_per_image, runtime.seed)
+    try:
+        append_stage_results(Ledger(default_path(runtime.work_dir)), bench, records, students, cfg.refine_iters,
+                             code_version(module_digests(f"pipelines.{STAGE}")), f"{STAGE}/{out.name}")
+    except (sqlite3.Error, OSError) as exc:
+        log.warning("results ledger not updated: %s", exc)
 
     log.info("measuring speed (%d repeats)", cfg.speed_repeats)
     speed = {"teacher": teacher.speed} | {m.name: model_speed(m.sam, cfg.speed_repeats) for m in models}

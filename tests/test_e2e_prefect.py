@@ -269,13 +269,15 @@ def test_corrupt_teacher_checkpoint_fails_clearly_and_keeps_upstream(stack, firs
     assert committed(work_dir, "teacher") == teachers
 
 
-def test_nightly_deployment_publishes_evaluation(stack, first_run, work_dir):
-    deployment = stack.client(lambda c: c.read_deployment_by_name("edgesam-eval/nightly"))
+def test_nightly_deployment_evaluates_the_latest_export(stack, first_run, work_dir):
+    deployment = stack.client(lambda c: c.read_deployment_by_name("edgesam-nightly/nightly"))
     (schedule,) = deployment.schedules
     assert schedule.active and schedule.schedule.cron == "0 2 * * *" and schedule.schedule.timezone == "UTC"
-    run = stack.run_deployment("edgesam-eval/nightly", profile="smoke", work_dir=work_dir, force="[]")
+    run = stack.run_deployment("edgesam-nightly/nightly", profile="smoke", work_dir=work_dir)
     assert run["rc"] == 0, describe(run)
+    assert "evaluated latest-export-smoke" in flow_logs(stack, run)
+    keys = ["edgesam-nightly-gate", "edgesam-nightly-history", "edgesam-nightly-trend"]
     artifacts = stack.client(lambda c: c.read_artifacts(artifact_filter=ArtifactFilter(
-        key=ArtifactFilterKey(any_=["edgesam-eval-smoke", "edgesam-eval-smoke-metrics"]))))
-    kinds = {a.key: a.type for a in artifacts}
-    assert kinds == {"edgesam-eval-smoke": "markdown", "edgesam-eval-smoke-metrics": "table"}
+        key=ArtifactFilterKey(any_=keys))))
+    assert {a.key: a.type for a in artifacts} == dict(zip(keys, ["markdown", "table", "markdown"]))
+    assert (work_dir / "ledger.sqlite").is_file()

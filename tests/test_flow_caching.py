@@ -65,7 +65,7 @@ class FakeStages:
             assert set(inputs) == set(DAG[name]) and all(a.complete for a in inputs.values())
             (out / "result.json").write_text(json.dumps({"config": cfg.model_dump(mode="json")}))
             if name == "evaluate":  # what the flow publishes as Prefect artifacts
-                (out / "metrics.json").write_text(json.dumps({"miou": {"box": 0.5}}))
+                (out / "metrics.json").write_text(json.dumps({"miou": {"box": 0.5}, "backbone": "repvit_m1"}))
             if name not in TRAINING:
                 return {"inputs": sorted(inputs)}
             curve = [{"step": step, "loss": 1.0 / step, "lr": 1e-3, "images_per_s": 5.0} for step in (1, 2, 3)]
@@ -147,6 +147,8 @@ def test_training_stages_show_progress_and_publish_their_curves(tmp_path, fake):
     (curves,) = [a for a in artifacts if a.key == "edgesam-curves-smoke"]
     assert "data:image/png;base64," in curves.data
     assert "| encoder_kd | 3 | 1.0000 | 0.3333 | - |" in curves.data and "| prompt_kd | 3 |" in curves.data
+    # the evaluation is keyed by profile and backbone, so other backbones keep their own history
+    assert {"edgesam-eval-smoke-repvit-m1", "edgesam-eval-smoke-repvit-m1-metrics"} <= {a.key for a in artifacts}
 
     cached = run_artifacts(run_flow(tmp_path))  # nothing trains, the curves are published again
     assert not [a for a in cached if a.type == "progress"] and [a for a in cached if a.key == "edgesam-curves-smoke"]

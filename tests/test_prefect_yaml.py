@@ -44,6 +44,7 @@ def test_prefect_yaml_matches_serve() -> None:
         assert dep["work_pool"]["name"] == "edgesam"
         assert dep["work_pool"]["job_variables"]["working_dir"] == "{{ $PWD }}"
     nightly = yaml_deps["nightly"]
+    assert served["nightly"].flow_name == "edgesam-nightly"  # the registry's nightly, not a DAG rerun
     assert nightly["parameters"] == NIGHTLY_PARAMETERS
     assert nightly["schedules"] == [{"cron": NIGHTLY_CRON, "timezone": NIGHTLY_TIMEZONE, "active": True}]
     assert [s.schedule.cron for s in served["nightly"].schedules] == [NIGHTLY_CRON]
