@@ -6,6 +6,8 @@
     edgesam info CKPT
     edgesam data synth --profile default --out DIR
     edgesam teacher pack TEACHER_ARTIFACT --out data/reference_teacher
+    edgesam models register|alias|list ...     (the model registry: edgesam.cli_models)
+    edgesam demo BUNDLE [--port 8765]          (the student in the browser, on 127.0.0.1)
 """
 
 from __future__ import annotations
@@ -86,6 +88,12 @@ def cmd_teacher_pack(args: argparse.Namespace) -> None:
     print(json.dumps({k: meta[k] for k in ("arch", "sha256", "bytes", "benchmark", "val")}, indent=2))
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from edgesam.client.demo import serve
+
+    serve(args.bundle, args.port)
+
+
 def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", type=Path, help="an image, or a folder of images")
     p.add_argument("--checkpoint", type=Path, required=True,
@@ -100,6 +108,7 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from edgesam.cli_models import add_models_parser
     from edgesam.cli_segment import cmd_everything, cmd_predict
 
     parser = argparse.ArgumentParser(prog="edgesam", description=__doc__.split("\n")[0])
@@ -141,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="default")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_data_synth)
+
+    add_models_parser(sub)
+    p = sub.add_parser("demo", help="serve a page on 127.0.0.1 that runs a bundle's encoder and decoder in the browser")
+    p.add_argument("bundle", type=Path, help="an exported bundle folder")
+    p.add_argument("--port", type=int, default=8765)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
