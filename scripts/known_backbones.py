@@ -29,7 +29,8 @@ FAMILIES = [
     ("RepViT", "repvit_m1"), ("TinyViT", "tiny_vit_5m_224"), ("EfficientViT (MIT)", "efficientvit_b0"),
     ("EfficientViT (MSRA)", "efficientvit_m0"), ("Hiera (SAM 2)", "sam2_hiera_tiny"), ("FastViT", "fastvit_t8"),
     ("MobileNetV4", "mobilenetv4_conv_small"), ("MobileNetV3", "mobilenetv3_small_050"), ("ConvNeXt", "convnext_atto"),
-    ("ResNet", "resnet18"), ("EfficientFormerV2", "efficientformerv2_s0"), ("ViT", "vit_tiny_patch16_224"),
+    ("ResNet", "resnet18"), ("EfficientNet", "efficientnet_b0"), ("MobileOne", "mobileone_s0"),
+    ("EfficientFormerV2", "efficientformerv2_s0"), ("ViT", "vit_tiny_patch16_224"),
 ]
 
 
