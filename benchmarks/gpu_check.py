@@ -18,7 +18,6 @@ Never a test dependency (the project's machines have no GPU). Reported, as a tab
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import warnings
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 from segment_anything import sam_model_registry
 
-from benchmarks.train import build_step, build_tasks, collect, peak_memory_mb, synthesize, timed
+from benchmarks.train import build_step, build_tasks, collect, peak_memory_mb, publish, synthesize, timed
 from edgesam.config import load_profile
 from edgesam.data.shards import list_shards
 from edgesam.models.sdpa import use_sdpa
@@ -118,10 +117,7 @@ def main() -> None:
     teacher = [] if args.skip_teacher else teacher_rows(device, 1024, args.steps)
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "img_size": args.img_size, "backbone": cfg.encoder_kd.backbone, "steps": rows, "teacher": teacher}
-    print_table(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    publish(report, args.out, print_table)
 
 
 if __name__ == "__main__":
