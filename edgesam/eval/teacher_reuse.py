@@ -5,7 +5,8 @@ on the student: the engine draws every click from (seed, image, protocol), the s
 model (`edgesam.eval.miou.evaluate`). So a sweep over N backbones, or a re-evaluation of a
 retrained student, evaluates and times the teacher once. The result is kept in the artifact
 store as `evaluate_teacher/<fingerprint>` (fingerprint of those inputs and of this module's
-code), written like a stage artifact: files first, the manifest last.
+code), written like a stage artifact: files first, the manifest (their sizes and SHA-256s, as
+every stage's) last; a reuse checks them, and damaged files are recomputed, never served.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from edgesam.eval.speed import model_speed
 from edgesam.metrics import IoURecord
 from edgesam.models.teacher import TeacherSource
 from edgesam.store.code import code_version, module_digests
+from edgesam.store.files import content_digest, file_problems, list_files
 
 STORE_NAME = "evaluate_teacher"
 TEACHER = "teacher"
@@ -82,7 +84,8 @@ def _save(results: TeacherResults, artifact: Artifact) -> None:
     write_json_atomic(artifact.path / SPEED_FILE, results.speed)
     with atomic_path(artifact.path / OVERLAYS_FILE) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, *results.overlay_masks)
-    artifact.commit({"files": [RECORDS_FILE, SPEED_FILE, OVERLAYS_FILE], "models": [TEACHER]})
+    files = list_files(artifact.path)
+    artifact.commit({"files": files, "content": content_digest(files, artifact.fingerprint), "models": [TEACHER]})
 
 
 def _load(artifact: Artifact, protocols: Sequence[EvalProtocol]) -> TeacherResults:
@@ -95,14 +98,25 @@ def _load(artifact: Artifact, protocols: Sequence[EvalProtocol]) -> TeacherResul
     return TeacherResults(records, masks, json.loads((artifact.path / SPEED_FILE).read_text()))
 
 
+def _damage(artifact: Artifact) -> list[str]:
+    """What is wrong with a committed teacher artifact's files (an older manifest lists no digests)."""
+    files = artifact.manifest.get("files")
+    if not isinstance(files, dict):
+        return [f"{artifact.manifest_path}: records no file digests"]
+    return file_problems(artifact.path, files, digests=True)
+
+
 def teacher_results(inputs: Mapping[str, Artifact], cfg: EvaluateConfig, seed: int, sets: EvalSets,
                     protocols: Sequence[EvalProtocol]) -> TeacherResults:
     """The teacher's results on `sets` under `protocols`: from the store when another evaluate run
     with the same inputs made them, else computed (and timed) now and stored."""
     artifact = teacher_artifact(inputs, cfg, seed)
-    if artifact.complete:
+    damaged = artifact.complete and _damage(artifact)
+    if artifact.complete and not damaged:
         log.info("teacher: evaluated before, reusing %s", artifact.path)
         return _load(artifact, protocols)
+    if damaged:
+        log.warning("teacher: stored results damaged (%s), evaluating again", "; ".join(damaged))
     log.info("teacher: evaluating on %s (%s)", ", ".join(sets), ", ".join(p.name for p in protocols))
     results = _compute(TeacherSource.from_artifact(inputs["teacher"]), sets, protocols, seed, cfg.speed_repeats)
     _save(results, artifact)
