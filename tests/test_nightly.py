@@ -129,7 +129,7 @@ class Hook(http.server.BaseHTTPRequestHandler):
         self.end_headers()
 
     def log_message(self, *args) -> None:
-        pass
+        """No request log on stderr (the http.server default)."""
 
 
 def test_a_worse_candidate_fails_the_night_and_alerts(stack):
