@@ -46,17 +46,18 @@ def embed_images(markdown: str, base: Path) -> str:
 
 
 def artifact_key(*parts: str) -> str:
-    """A Prefect artifact key (lowercase letters, digits, dashes) from names such as `repvit_m1`."""
-    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+    """A Prefect artifact key (lowercase letters, digits and dashes only) from `parts`."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(("edgesam", *parts)).lower())
 
 
 def publish_evaluation(evaluate_dir: Path, profile: str) -> None:
     """The evaluate stage's report (plots inlined) and metrics as Prefect artifacts of this run."""
     metrics = json.loads((evaluate_dir / "metrics.json").read_text())
-    key = artifact_key("edgesam-eval", profile, metrics.get("backbone", "student"))
+    backbone = metrics.get("backbone", "student")
+    key = artifact_key("eval", profile, backbone)
     report = evaluate_dir / "report.md"
     body = embed_images(report.read_text(), evaluate_dir) if report.is_file() else ""
-    header = (f"# EdgeSAM evaluation, profile `{profile}`, student `{metrics.get('backbone', '?')}`\n\n"
+    header = (f"# EdgeSAM evaluation, profile `{profile}`, student `{backbone}`\n\n"
               f"Evaluation artifact: `{evaluate_dir}`\n\n")
     create_markdown_artifact(header + body, key=key, description="evaluation report")
     create_table_artifact(flatten(metrics), key=f"{key}-metrics", description="all metrics")

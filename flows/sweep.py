@@ -42,10 +42,9 @@ from edgesam.eval.leaderboard import OK, Entry, leaderboard_csv, leaderboard_mar
 from edgesam.export.latency import backbone_speed
 from edgesam.models.backbones import check_student
 from edgesam.store.code import code_version, module_digests
-from flows.evaluation import embed_images
+from flows.evaluation import artifact_key, embed_images
 from flows.params import Profile, pipeline_config
 from flows.pipeline import forward_stage_logs, ray_connection, stage_task
-from flows.training import artifact_key
 from pipelines.stage import PlannedStage, plan
 
 DEFAULT_BACKBONES = ["repvit_m1", "tiny_vit_5m_224", "efficientvit_b1", "mobilenetv3_large_100"]

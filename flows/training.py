@@ -9,7 +9,6 @@ training curves of the run's training stages, read from their manifests and plot
 
 from __future__ import annotations
 
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,7 @@ from edgesam.artifacts import Artifact
 from edgesam.eval.plots import plot_training_curves
 from edgesam.eval.report import CURVES_PLOT, TRAINING_STAGES
 from edgesam.eval.tables import curves_section, training_curve
-from flows.evaluation import embed_images
-
-
-def artifact_key(*parts: str) -> str:
-    """A Prefect artifact key (lowercase letters, digits and dashes only) from `parts`."""
-    return re.sub(r"[^a-z0-9-]+", "-", "-".join(("edgesam", *parts)).lower())
+from flows.evaluation import artifact_key, embed_images
 
 
 class StageProgress:
