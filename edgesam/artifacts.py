@@ -161,8 +161,8 @@ def copy_atomic(src: str | Path, dst: str | Path) -> None:
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     import torch  # lazy: the orchestration layer imports this module without torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)  # a file object: torch names the zip's records `archive/`, not after the temp file
 
 
 @dataclass(frozen=True)
