@@ -3,7 +3,8 @@
     edgesam models register BUNDLE|CHECKPOINT --name NAME [--alias champion] [--img-size 1024]
     edgesam models alias ALIAS NAME [--version V]       # move an alias, e.g. promote the candidate
     edgesam models list
-    edgesam models results [--night RUN_ID]           # a night's results tables, stamped (README, docs)
+    edgesam models results [--night RUN_ID]           # a night's results tables, stamped (docs)
+    edgesam models results --run evaluate/<fp>        # an evaluate stage's tables, stamped (README)
 
 The registry lives in the ledger file: `--ledger`, else `EDGESAM_LEDGER`, else `runs/default/ledger.sqlite`
 (the default profile's work dir, where its nightly runs and evaluate stages write).
@@ -49,10 +50,12 @@ def cmd_models(args: argparse.Namespace) -> None:
         elif args.models_command == "alias":
             _print_versions([registry.move_alias(args.alias, args.name, args.version)])
         elif args.models_command == "results":
-            from edgesam.eval.history import results_markdown
+            from edgesam.eval.history import results_markdown, stage_results_markdown
             from edgesam.eval.ledger import Ledger
 
-            print(results_markdown(Ledger(registry.path), args.night))
+            ledger = Ledger(registry.path)
+            print(stage_results_markdown(ledger, args.run, args.protocol) if args.run
+                  else results_markdown(ledger, args.night))
         else:
             _print_versions(registry.versions())
     except _errors() as exc:
@@ -76,7 +79,11 @@ def add_models_parser(sub: Any) -> None:
     p.add_argument("--version", type=int, default=None)
     commands.add_parser("list", help="every registered version and its aliases")
     p = commands.add_parser("results", help="a night's results tables from the ledger, stamped with its commit")
-    p.add_argument("--night", default=None, help="the night's run id or a unique prefix (default: the latest)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--night", default=None, help="the night's run id or a unique prefix (default: the latest)")
+    which.add_argument("--run", default=None, help="an evaluate stage's run instead: evaluate/<fingerprint> (or a "
+                                                   "unique prefix), the README's tables")
+    p.add_argument("--protocol", default="paper", help="with --run: the protocol whose results to show")
     for p in commands.choices.values():
         p.add_argument("--ledger", type=Path, default=None, help="ledger file (default: EDGESAM_LEDGER or "
                                                                  "runs/default/ledger.sqlite)")

@@ -7,8 +7,9 @@ Models: the teacher, the phase-1 and phase-2 students, and on COCO-format sets t
 student with the RPN granularity prior under both merge rules. Every protocol of
 `evaluate.protocols` runs on the same encodings. Writes `metrics.json`, the per-annotation
 IoUs (`ious.jsonl`), `report.md` and its plots, with the upstream stages' training curves.
-The students' SA-1B results are also appended to the results ledger of the work dir
-(`edgesam.eval.ledger`); a ledger that cannot be written is logged, never fails the stage.
+Every model's results are also appended to the results ledger of the work dir
+(`edgesam.eval.ledger`, run id `evaluate/<fingerprint>`); a ledger that cannot be written is
+logged, never fails the stage.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from edgesam.artifacts import Artifact, write_json_atomic, write_text_atomic
 from edgesam.config import EvaluateConfig, RuntimeConfig
 from edgesam.data.shards import list_shards
-from edgesam.eval.benchmark import Benchmark, append_stage_results
+from edgesam.eval.benchmark import Benchmark, append_stage_results, combined_digest
 from edgesam.eval.datasets import coco_items, shard_items
 from edgesam.eval.ledger import Ledger, default_path
 from edgesam.eval.engine import Segmenter, protocol
@@ -35,6 +36,7 @@ from edgesam.eval.speed import model_speed
 from edgesam.eval.stats import comparisons
 from edgesam.metrics import summarize
 from edgesam.store.code import code_version, module_digests
+from edgesam.store.files import sha256_of
 from edgesam.models.edgesam import load_edgesam
 from edgesam.models.rpn import PRIOR_RULES, load_rpn
 from edgesam.eval.teacher_reuse import teacher_results
@@ -50,6 +52,18 @@ log = logging.getLogger("edgesam.pipelines.evaluate")
 
 def runtime_key(cfg: EvaluateConfig, runtime: RuntimeConfig) -> dict[str, Any]:
     return {"seed": runtime.seed}  # random clicks and annotation subsets
+
+
+def ledger_models(inputs: dict[str, Artifact], students: list[Segmenter], priors: list[Segmenter]
+                  ) -> dict[str, tuple[str, str]]:
+    """{model: (weights digest, backbone)} of every model evaluated, as the results ledger keys them."""
+    teacher = inputs["teacher"].manifest
+    digests = {s.name: sha256_of(inputs[s.name].path / inputs[s.name].manifest["student"]) for s in students}
+    rpn = sha256_of(inputs["rpn"].path / inputs["rpn"].manifest["rpn"])
+    backbone = students[-1].sam.image_encoder.backbone_name
+    return ({"teacher": (teacher["sha256"] or teacher["checkpoint"], f"teacher ({teacher['kind']})")}
+            | {s.name: (digests[s.name], s.sam.image_encoder.backbone_name) for s in students}
+            | {p.name: (combined_digest(digests["prompt_kd"], rpn), f"{backbone} + RPN") for p in priors})
 
 
 def run(cfg: EvaluateConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
@@ -81,12 +95,11 @@ def run(cfg: EvaluateConfig, runtime: RuntimeConfig, inputs: dict[str, Artifact]
     miou = {key: summarize(value) for key, value in records.items()}
     intervals = {key: comparisons(value) for key, value in records.items()}
     write_text_atomic(out / IOUS_FILE, records_jsonl(records))
-    students = {s: (inputs[s].path / inputs[s].manifest["student"], m.sam.image_encoder.backbone_name)
-                for s, m in zip(("encoder_kd", "prompt_kd"), models)}
     bench = Benchmark.open(inputs["shard"].path, protocols[0].name, cfg.refine_iters, cfg.max_images,
                            cfg.max_annotations_per_image, runtime.seed)
     try:
-        append_stage_results(Ledger(default_path(runtime.work_dir)), bench, records, students, cfg.refine_iters,
+        append_stage_results(Ledger(default_path(runtime.work_dir)), bench, records,
+                             ledger_models(inputs, models, priors), cfg.refine_iters,
                              code_version(module_digests(f"pipelines.{STAGE}")), f"{STAGE}/{out.name}")
     except (sqlite3.Error, OSError) as exc:
         log.warning("results ledger not updated: %s", exc)

@@ -195,3 +195,43 @@ def test_comment_only_edit_keeps_the_evaluation_code_version(tmp_path: Path) -> 
     assert version() == before
     engine.write_text(engine.read_text() + "\nCHANGED = 1\n")
     assert version() != before
+
+
+def test_an_evaluate_stage_run_renders_the_readme_tables(tmp_path: Path) -> None:
+    """Every model the evaluate stage measured, on every dataset, is one evaluation of its run;
+    `edgesam models results --run` renders them with the values the ledger holds and the
+    paired differences, stamped with the run and its commit."""
+    from edgesam.cli import main
+    from edgesam.eval.benchmark import Benchmark, append_stage_results
+    from edgesam.eval.history import stage_results_markdown
+    from edgesam.eval.stats import miou_interval, paired_difference, per_image
+
+    rng = np.random.default_rng(0)
+    quality = {"teacher": 0.8, "encoder_kd": 0.6, "prompt_kd": 0.7, "prompt_kd+rpn:official": 0.75}
+    found = [IoURecord(model, dataset, prompt, "all", float(np.clip(q + rng.normal(0, 0.1), 0, 1)), f"{dataset}{i}")
+             for model, q in quality.items() for dataset in ("sa1b", "coco") for prompt in ("box", "point", "point+1")
+             for i in range(6) for _ in range(3) if dataset == "coco" or "rpn" not in model]
+    bench = Benchmark(tmp_path, (), "d" * 64, protocol("paper", 1))
+    models = {name: (name[0] * 64, "teacher (reference)" if name == "teacher" else "repvit_m1") for name in quality}
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ids = append_stage_results(ledger, bench, {"paper": found}, models, 1, "v1", "evaluate/0123456789abcdef")
+    assert len(ids) == 4 and ledger.get(ids[-1]).model_name == "prompt_kd+rpn:official"
+    assert {m["dataset"] for m in ledger.metrics(ids[0])} == {"sa1b", "coco"}
+
+    text = stage_results_markdown(ledger, "evaluate/0123")
+    assert text.startswith("Evaluate stage `evaluate/0123456789abcdef` of ") and "commit `" in text
+    assert "| model | SA-1B box | SA-1B point | COCO box | COCO point |" in text
+    want = miou_interval(per_image(found, "prompt_kd", "coco", "point"))
+    row = next(line for line in text.splitlines() if line.startswith("| phase 2 (prompt-in-the-loop KD) |"))
+    assert row.split(" | ")[4] == f"{want['miou']:.3f} [{want['low']:.3f}, {want['high']:.3f}] |"
+    assert "| phase 2 + RPN prior (`official`) |  |  |" in text  # the prior is measured on COCO only
+    for model, baseline, dataset, prompt, what in (("prompt_kd", "teacher", "sa1b", "box", "phase 2 vs teacher"),
+                                                   ("prompt_kd+rpn:official", "prompt_kd", "coco", "point",
+                                                    "RPN official vs phase 2")):
+        d = paired_difference(per_image(found, model, dataset, prompt), per_image(found, baseline, dataset, prompt))
+        label = f"{what}, {'SA-1B' if dataset == 'sa1b' else 'COCO'} {prompt}"
+        assert f"| {label} | {d['diff']:+.3f} [{d['diff_low']:+.3f}, {d['diff_high']:+.3f}] |" in text, label
+
+    main(["models", "results", "--ledger", str(ledger.path), "--run", "evaluate/"])
+    with pytest.raises(LedgerError, match="no run 'evaluate/ff'"):
+        stage_results_markdown(ledger, "evaluate/ff")

@@ -94,10 +94,11 @@ def comment_edited_checkout(root: Path) -> Path:
 
 def test_unchanged_models_are_not_evaluated_again(stack):
     ledger = Ledger(stack.work_dir / "ledger.sqlite")
-    with sqlite3.connect(ledger.path) as db:  # the evaluate stage appended its students' results
+    with sqlite3.connect(ledger.path) as db:  # the evaluate stage appended every model's results
         stage = db.execute("SELECT DISTINCT model_name, protocol_name FROM evaluations "
                            "WHERE eval_code LIKE 'evaluate-stage:%'").fetchall()
-    assert sorted(stage) == [(m, p) for m in ("encoder_kd", "prompt_kd") for p in ("paper", "sam")]
+    models = ("encoder_kd", "prompt_kd", "prompt_kd+rpn:official", "prompt_kd+rpn:weighted", "teacher")
+    assert sorted(stage) == [(m, p) for m in models for p in ("paper", "sam")]
     # On the smoke profile the phase-1 student is the better one (tests/data/smoke_metrics.json).
     Registry(ledger.path).register(student(stack, "encoder_kd"), "phase1", ("champion",))
     first = night(stack)

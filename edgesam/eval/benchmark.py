@@ -8,9 +8,12 @@ module's `code_version`: its syntax tree and that of every first-party module it
 engine, the mIoU run, the datasets, the metric, the models' decoding), docstrings and comments
 left out. Edits elsewhere (training, export, the stages) leave every ledger entry valid.
 
-The evaluate stage appends its students' SA-1B results too (`append_stage_results`), under an
-evaluation code version of its own (`evaluate-stage:...`): it prompts several models in one
-pass, so its IoUs are kept on record beside the nightly ones but never reused for a night.
+The evaluate stage appends its results too (`append_stage_results`): every model it measured
+(teacher, both students, the student with each RPN prior) on every dataset it measured them on
+(the SA-1B-format val shards, the COCO-format sets), under an evaluation code version of its own
+(`evaluate-stage:...`) and its artifact's name as the run id. It prompts several models in one
+pass, so those IoUs are kept on record beside the nightly ones, never reused for a night; the
+README's results tables are rendered from them (`edgesam models results --run evaluate/<fp>`).
 """
 
 from __future__ import annotations
@@ -82,24 +85,35 @@ class Benchmark:
         return records, ledger_metrics(records, name)
 
 
-def ledger_metrics(records: Sequence[IoURecord], name: str) -> list[dict[str, Any]]:
-    """Per prompt type of model `name` on the benchmark: mIoU with its bootstrap 95 % interval."""
-    prompts = dict.fromkeys(r.prompt for r in records if r.model == name and r.dataset == DATASET)
-    return [{"dataset": DATASET, "prompt": prompt, "metric": METRIC, "value": found["miou"], "low": found["low"],
+def ledger_metrics(records: Sequence[IoURecord], name: str, dataset: str | None = DATASET) -> list[dict[str, Any]]:
+    """Per dataset (only `dataset`, or every one when None) and prompt type of model `name`: mIoU
+    with its bootstrap 95 % interval over images."""
+    measured = dict.fromkeys((r.dataset, r.prompt) for r in records
+                             if r.model == name and dataset in (None, r.dataset))
+    return [{"dataset": where, "prompt": prompt, "metric": METRIC, "value": found["miou"], "low": found["low"],
              "high": found["high"], "images": found["images"], "annotations": found["annotations"]}
-            for prompt in prompts for found in [miou_interval(per_image(records, name, DATASET, prompt))]]
+            for where, prompt in measured for found in [miou_interval(per_image(records, name, where, prompt))]]
+
+
+def combined_digest(*digests: str) -> str:
+    """One model digest for a model made of several weight files (the student and its RPN prior)."""
+    return hashlib.sha256("+".join(digests).encode()).hexdigest()
 
 
 def append_stage_results(ledger: Ledger, bench: Benchmark, records: dict[str, list[IoURecord]],
-                         students: dict[str, tuple[Path, str]], refine_iters: int, eval_code: str,
+                         models: dict[str, tuple[str, str]], refine_iters: int, eval_code: str,
                          run_id: str) -> list[int]:
-    """The evaluate stage's SA-1B IoUs of each student ({name: (weights file, backbone)}) under
-    each protocol (`records`, by protocol name), one ledger evaluation each; their ids."""
+    """The evaluate stage's IoUs of each model ({name: (weights digest, backbone)}) on every
+    dataset it was measured on, under each protocol (`records`, by protocol name): one ledger
+    evaluation per model and protocol; their ids."""
     ids = []
     for protocol_name, found in records.items():
         prompted = replace(bench, protocol=protocol(protocol_name, refine_iters))
-        for name, (weights, backbone) in students.items():
-            mine = [r for r in found if r.model == name and r.dataset == DATASET]
-            key = EvaluationKey(sha256_of(weights), bench.digest, prompted.protocol_key, f"evaluate-stage:{eval_code}")
-            ids.append(ledger.append(key, name, backbone, protocol_name, ledger_metrics(mine, name), mine, run_id))
+        for name, (digest, backbone) in models.items():
+            mine = [r for r in found if r.model == name]
+            if not mine:
+                continue
+            key = EvaluationKey(digest, bench.digest, prompted.protocol_key, f"evaluate-stage:{eval_code}")
+            ids.append(ledger.append(key, name, backbone, protocol_name, ledger_metrics(mine, name, None), mine,
+                                     run_id))
     return ids

@@ -14,9 +14,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from edgesam.artifacts import atomic_path  # noqa: E402
 from edgesam.eval.gate import GATED_PROMPTS, compare, deltas_markdown  # noqa: E402
-from edgesam.eval.ledger import Evaluation, Ledger  # noqa: E402
+from edgesam.eval.ledger import Evaluation, Ledger, LedgerError  # noqa: E402
 from edgesam.eval.registry import CANDIDATE, CHAMPION  # noqa: E402
-from edgesam.eval.stats import LEVEL  # noqa: E402
+from edgesam.eval.stats import LEVEL, paired_difference  # noqa: E402
 from edgesam.eval.tables import describe_protocol, prompt_order  # noqa: E402
 
 
@@ -109,3 +109,59 @@ def _table_prompts(ledger: Ledger, evaluation_ids: Sequence[int]) -> list[str]:
 
 def _evaluation(row: dict[str, Any]) -> Evaluation:
     return Evaluation(**{field: row[field] for field in Evaluation.__dataclass_fields__})
+
+
+# The README's paired comparisons of an evaluate stage's run: (model, baseline, dataset, prompt).
+STAGE_COMPARISONS = (("prompt_kd", "teacher", "sa1b", "box"), ("prompt_kd", "teacher", "coco", "box"),
+                     ("prompt_kd", "encoder_kd", "sa1b", "point"),
+                     ("prompt_kd+rpn:official", "prompt_kd", "coco", "point"))
+DATASET_NAMES = {"sa1b": "SA-1B", "coco": "COCO"}
+SHORT_NAMES = {"encoder_kd": "phase 1", "prompt_kd": "phase 2", "prompt_kd+rpn:official": "RPN official",
+               "prompt_kd+rpn:weighted": "RPN weighted"}
+
+
+def stage_label(model: str, backbone: str) -> str:
+    """How the README names an evaluate stage's model."""
+    if model == "teacher":
+        return backbone
+    if model.startswith("prompt_kd+rpn:"):
+        return f"phase 2 + RPN prior (`{model.partition(':')[2]}`)"
+    return {"encoder_kd": "phase 1 (encoder KD)", "prompt_kd": "phase 2 (prompt-in-the-loop KD)"}.get(model, model)
+
+
+def stage_results_markdown(ledger: Ledger, run_id: str, protocol_name: str = "paper") -> str:
+    """The results tables of one evaluate stage's run (`evaluate/<fingerprint>`, as it appended
+    them): every model's first-prompt mIoU per dataset with intervals, then the paired
+    differences the README quotes, stamped with the run, its date, commit and benchmark."""
+    found = [e for e in ledger.run(run_id) if e.protocol_name == protocol_name]
+    if not found:
+        raise LedgerError(f"run {run_id!r} has no evaluation under protocol {protocol_name!r}")
+    by_model = {e.model_name: e for e in found}
+    metrics = {e.model_name: {(m["dataset"], m["prompt"]): m for m in ledger.metrics(e.id)} for e in found}
+    columns = sorted({key for ms in metrics.values() for key in ms if "+" not in key[1]},
+                     key=lambda key: (list(DATASET_NAMES).index(key[0]) if key[0] in DATASET_NAMES else 99, key[0],
+                                      prompt_order(key[1])))
+    sizes = {ds: m for ms in metrics.values() for (ds, _), m in ms.items()}
+    first = found[0]
+    lines = [f"Evaluate stage `{first.run_id}` of {first.created_at} (UTC), commit `{first.git_commit or 'unknown'}`; "
+             f"benchmark `{first.benchmark_digest[:12]}`: "
+             + ", ".join(f"{DATASET_NAMES.get(ds, ds)} {m['images']} images, {m['annotations']} objects"
+                         for ds, m in sizes.items()) + ". "
+             + describe_protocol(json.loads(first.protocol)["engine"]) + f" Brackets: bootstrap {LEVEL:.0%} intervals "
+             "over images.", "",
+             "| model | " + " | ".join(f"{DATASET_NAMES.get(ds, ds)} {p}" for ds, p in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for name, evaluation in by_model.items():
+        cells = [interval(m["value"], m["low"], m["high"]) if (m := metrics[name].get(key)) else "" for key in columns]
+        lines.append(f"| {stage_label(name, evaluation.backbone)} | " + " | ".join(cells) + " |")
+    lines += ["", f"| comparison | difference [{LEVEL:.0%}] | ratio [{LEVEL:.0%}] |", "|---|---|---|"]
+    for model, baseline, ds, prompt in STAGE_COMPARISONS:
+        if model not in by_model or baseline not in by_model or (ds, prompt) not in metrics[model]:
+            continue
+        d = paired_difference(ledger.per_image(by_model[model].id, ds, prompt),
+                              ledger.per_image(by_model[baseline].id, ds, prompt))
+        what = (f"{SHORT_NAMES.get(model, model)} vs {SHORT_NAMES.get(baseline, baseline)}, "
+                f"{DATASET_NAMES.get(ds, ds)} {prompt}")
+        lines.append(f"| {what} | {d['diff']:+.3f} [{d['diff_low']:+.3f}, {d['diff_high']:+.3f}] | "
+                     f"{d['ratio']:.3f} [{d['ratio_low']:.3f}, {d['ratio_high']:.3f}] |")
+    return "\n".join(lines)

@@ -164,7 +164,8 @@ def _create(db: sqlite3.Connection) -> None:
 def reading(path: Path) -> Iterator[sqlite3.Connection]:
     """A read connection on an existing ledger (rows as `sqlite3.Row`)."""
     if not path.is_file():
-        raise LedgerError(f"no ledger at {path}: a nightly run or `edgesam models register` creates it")
+        raise LedgerError(f"no ledger at {path}: an evaluate stage, a nightly run or `edgesam models register` "
+                          "creates it")
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
     db.row_factory = sqlite3.Row
     try:
@@ -286,6 +287,18 @@ class Ledger:
                                 "JOIN evaluations e ON e.id = n.evaluation_id WHERE n.run_id = ? ORDER BY n.rowid",
                                 (found[0]["run_id"],)).fetchall()
         return dict(found[0]), [dict(row) for row in models]
+
+    def run(self, run_id: str) -> list[Evaluation]:
+        """The evaluations one run appended (an evaluate stage's `evaluate/<fingerprint>`; a unique
+        prefix of the id works), in the order they were made."""
+        with reading(self.path) as db:
+            ids = [r[0] for r in db.execute("SELECT DISTINCT run_id FROM evaluations WHERE run_id LIKE ? "
+                                            "ORDER BY run_id", (run_id + "%",)).fetchall()]
+            if len(ids) != 1:
+                raise LedgerError(f"{self.path}: {'no' if not ids else 'more than one'} run {run_id!r} "
+                                  f"({', '.join(ids[:8]) or 'run ids: `SELECT DISTINCT run_id FROM evaluations`'})")
+            rows = db.execute("SELECT * FROM evaluations WHERE run_id = ? ORDER BY id", (ids[0],)).fetchall()
+        return [Evaluation(**row) for row in rows]
 
     def history(self, prompts: Sequence[str], limit: int = 60) -> list[dict[str, Any]]:
         """Per night (oldest first, the last `limit`) and model: its evaluation and the metrics of `prompts`."""
