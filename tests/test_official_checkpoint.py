@@ -209,3 +209,28 @@ def test_extra_official_block_is_not_covered(official_shapes, meta_sam):
     state["image_encoder.features.27.token_mixer.0.conv.c.weight"] = torch.empty(384, 1, 3, 3, device="meta")
     with pytest.raises(OfficialCheckpointError, match=r"does not cover.*features\.27"):
         map_official_state(state, meta_sam)
+
+
+def test_an_official_release_file_registers_and_loads_for_the_nightly(tmp_path, fake_state):
+    """`edgesam models register edge_sam.pth --name ... --alias candidate`: kind `official`, its
+    file's digest, and the nightly's `load_model` builds it at the registered size, fused."""
+    from edgesam.cli import main
+    from edgesam.eval.registry import Registry, RegistryError, load_model
+
+    path = _save(tmp_path, {"model": fake_state})
+    ledger = tmp_path / "ledger.sqlite"
+    main(["models", "register", str(path), "--name", "edgesam-release", "--alias", "candidate", "--img-size", "128",
+          "--ledger", str(ledger)])
+    (model,) = Registry(ledger).aliased()
+    assert (model.kind, model.label, model.img_size, model.backbone) == ("official", "edgesam-release v1", 128,
+                                                                         "repvit_m1")
+    sam = load_model(model)
+    assert sam.image_encoder.img_size == 128 and not sam.training
+    predictor = SamPredictor(sam)
+    predictor.set_image(np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8))
+    masks, _, _ = predictor.predict(box=np.array([10.0, 10.0, 80.0, 60.0]), multimask_output=False)
+    assert masks.shape == (1, 96, 128)
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(RegistryError, match="changed since it was registered"):
+        load_model(model)
