@@ -8,7 +8,7 @@ Without --bundle the files are those of a random-weight, fused RepViT-M1 student
 (speed does not depend on the weights), written once to --files-dir: encoder.onnx,
 decoder.onnx (the client decoder: N prompt sets, mask input), decoder_edgesam.onnx (the compact
 single-prompt graph: no mask input), and the reduced-precision variants the export stage
-writes (int8 QDQ encoder calibrated on one photo, fp16 encoder and decoder).
+writes (int8 QDQ encoder calibrated on one photo, dynamic int8 decoder, fp16 encoder and decoder).
 
 Browser: headless Chromium (Debian's, driven by Playwright) on a page served from 127.0.0.1
 with the demo's cross-origin isolation headers, so WebAssembly gets threads; the page uses
@@ -48,6 +48,7 @@ VARIANTS = [
     ("decoder.onnx, 1 box, optimisation disabled", "decoder.onnx", "disabled"),
     ("decoder_edgesam.onnx (compact), 1 box", "decoder_edgesam.onnx", "all"),
     ("decoder_fp16.onnx, 1 box", "decoder_fp16.onnx", "all"),
+    ("decoder_int8.onnx (dynamic int8 MatMul weights), 1 box", "decoder_int8.onnx", "all"),
 ]
 
 PAGE = """<!doctype html><meta charset="utf-8"><title>onnxruntime-web latency</title>
@@ -94,11 +95,11 @@ def build_files(out: Path) -> dict[str, Path]:
 
     from edgesam.client.transforms import preprocess
     from edgesam.export.onnx import export_compact_decoder, export_encoder, export_prompt_decoder, fused_copy
-    from edgesam.export.quantize import prepare_encoder, quantize_encoder, to_fp16
+    from edgesam.export.quantize import prepare_encoder, quantize_decoder, quantize_encoder, to_fp16
     from edgesam.models.edgesam import build_edgesam
 
     files = {name: out / name for name in ("encoder.onnx", "encoder_int8.onnx", "encoder_fp16.onnx", "decoder.onnx",
-                                           "decoder_edgesam.onnx", "decoder_fp16.onnx")}
+                                           "decoder_edgesam.onnx", "decoder_fp16.onnx", "decoder_int8.onnx")}
     if all(p.is_file() for p in files.values()):
         return files
     out.mkdir(parents=True, exist_ok=True)
@@ -110,6 +111,7 @@ def build_files(out: Path) -> dict[str, Path]:
     export_compact_decoder(sam, files["decoder_edgesam.onnx"])
     to_fp16(files["encoder.onnx"], files["encoder_fp16.onnx"])
     to_fp16(files["decoder.onnx"], files["decoder_fp16.onnx"])
+    quantize_decoder(files["decoder.onnx"], files["decoder_int8.onnx"])
     print("int8 encoder (one calibration photo) ...", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         prepared = prepare_encoder(sam, Path(tmp))

@@ -249,3 +249,29 @@ def test_page_says_why_a_bundle_does_not_match(browser, smoke_bundle, tmp_path):
         assert "decoder.onnx" in state["error"] and "does not match config.json" in state["error"], state["error"]
         assert "does not match" in page.locator("#status").inner_text()
         page.close()
+
+
+def test_page_runs_the_decoder_precision_chosen(browser, smoke_bundle, tmp_path, astronaut):
+    """`?decoder=decoder_int8` (the decoder menu's int8 entry): the page's click mask is the one
+    OnnxPredictor gives with the same int8 decoder file."""
+    from edgesam.client.predictor import OnnxPredictor
+
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(astronaut).save(photo)
+    hw = astronaut.shape[:2]
+    predictor = OnnxPredictor(smoke_bundle, decoder_precision="int8")
+    predictor.set_image(astronaut)
+    messages: list[str] = []
+    with Served(smoke_bundle) as url:
+        page = open_page(browser, url + "?decoder=decoder_int8", messages)
+        assert wait_status(page, ("ready", "error"), messages)["status"] == "ready"
+        assert page.locator("#decoder").input_value() == "decoder_int8"
+        page.set_input_files("#file", str(photo))
+        assert wait_status(page, ("ready", "error"), messages, "window.edgesam.state.encodes > 0")["status"] == "ready"
+        state = decode_after(page, lambda: page.mouse.click(*screen_point(page, 260, 180, hw)), 0, messages)
+        assert state["status"] == "ready" and state["decoder"] == "decoder_int8", state
+        masks, scores, _ = predictor.predict(np.array(state["points"]), np.array([1]), multimask_output=True)
+        want, got = masks[int(np.argmax(scores))], page_mask(page, hw)
+        print(f"int8 decoder: click mask IoU {iou(got, want):.6f}, {int(got.sum())} vs {int(want.sum())} pixels")
+        assert 0 < want.sum() < want.size and iou(got, want) >= IOU_MIN, (iou(got, want), got.sum(), want.sum())
+        page.close()

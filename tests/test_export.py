@@ -127,13 +127,16 @@ def test_export_stage_writes_a_checked_bundle(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["img_size"] == 128 and config["rpn"]["merge"] == "official"
     bundle = Bundle.open(out)
-    assert set(bundle.roles) == {"encoder", "encoder_int8", "encoder_fp16", "decoder", "decoder_fp16", "decoder_sam",
-                                 "decoder_edgesam", "rpn_onnx", "checkpoint", "rpn_checkpoint"}
+    assert set(bundle.roles) == {"encoder", "encoder_int8", "encoder_fp16", "decoder", "decoder_int8", "decoder_fp16",
+                                 "decoder_sam", "decoder_edgesam", "rpn_onnx", "checkpoint", "rpn_checkpoint"}
     assert all(bundle.path(role) for role in bundle.roles)  # every digest matches
     variants = config["accuracy"]["variants"]
-    assert {"pytorch", "fp32", "int8 per_tensor", "fp16 encoder", "fp16 decoder"} <= set(variants)
+    assert {"pytorch", "fp32", "int8 per_tensor", "int8 decoder", "fp16 encoder", "fp16 decoder"} <= set(variants)
+    assert config["files"]["decoder_int8"]["accuracy"]["variant"] == "int8 decoder"
+    assert config["files"]["decoder_int8"]["bytes"] < config["files"]["decoder"]["bytes"]
     assert abs(variants["fp32"]["box"] - variants["pytorch"]["box"]) < 1e-3  # fp32 ONNX = PyTorch on the same prompts
-    assert set(config["files"]["decoder"]["latency_ms"]) == {"1_box", "16_boxes"}
+    assert set(config["files"]["decoder"]["latency_ms"]) == set(config["files"]["decoder_int8"]["latency_ms"]) == {
+        "1_box", "16_boxes"}
     card = (out / "MODEL_CARD.md").read_text()
     for role in bundle.roles:
         assert f"`{config['files'][role]['file']}`" in card

@@ -196,8 +196,7 @@ def test_torch_predictor_checks_the_bundle_too(broken_bundle):
 
 @pytest.mark.parametrize("precision", ["int8", "fp16"])
 def test_reduced_precision_files_run_in_the_predictor(bundle_256, coffee, precision):
-    predictor = OnnxPredictor(bundle_256, encoder_precision=precision, decoder_precision="fp16" if precision == "fp16"
-                              else "fp32")
+    predictor = OnnxPredictor(bundle_256, encoder_precision=precision, decoder_precision=precision)
     predictor.set_image(coffee)
     masks, scores, low = predictor.predict(**PROMPTS["box"])
     assert masks.shape == (3, 400, 600) and np.isfinite(low).all() and low.dtype == np.float32

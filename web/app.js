@@ -1,7 +1,7 @@
 // The demo page: open or drop an image, click points or drag a box, see the mask.
 // window.edgesam exposes the page's state (status, the prompt in image pixels, the mask) so
 // that a headless browser test can compare it with OnnxPredictor on the same prompt.
-import { ENCODER_ROLES, Segmenter, fetchConfig, onnxRuntime } from './model.js';
+import { DECODER_ROLES, ENCODER_ROLES, Segmenter, fetchConfig, onnxRuntime } from './model.js';
 import { rgbFromRgba } from './transforms.js';
 
 const $ = (id) => document.getElementById(id);
@@ -236,18 +236,20 @@ function wireControls() {
   });
   $('clear').addEventListener('click', () => { clearPrompt(); });
   $('save').addEventListener('click', saveMask);
-  $('encoder').addEventListener('change', () => switchEncoder($('encoder').value));
+  $('encoder').addEventListener('change', switchModels);
+  $('decoder').addEventListener('change', switchModels);
   $('backend').addEventListener('change', () => {
     params.set('backend', $('backend').value);
     location.search = params.toString();
   });
 }
 
-async function switchEncoder(role) {
+async function switchModels() {
+  const [encoder, decoder] = [$('encoder').value, $('decoder').value];
   try {
-    setStatus('loading', `loading ${config.files[role].file}…`);
-    segmenter = await Segmenter.load(config, role);
-    state.encoder = role;
+    setStatus('loading', `loading ${config.files[encoder].file} and ${config.files[decoder].file}…`);
+    segmenter = await Segmenter.load(config, encoder, decoder);
+    Object.assign(state, { encoder, decoder });
     if (rgb) await encode();
     else setStatus('ready', 'open or drop an image');
   } catch (error) {
@@ -255,14 +257,20 @@ async function switchEncoder(role) {
   }
 }
 
-function fillSelectors() {
-  const roles = Object.keys(ENCODER_ROLES).filter((role) => role in config.files);
+/** One <select> per model part: the bundle's precisions of it, the URL's choice (?encoder=, ?decoder=) or fp32. */
+function fillSelector(id, precisions) {
+  const roles = Object.keys(precisions).filter((role) => role in config.files);
   for (const role of roles) {
-    const option = new Option(`${ENCODER_ROLES[role]} (${config.files[role].file}, ${(config.files[role].bytes / 2 ** 20).toFixed(1)} MiB)`, role);
-    $('encoder').add(option);
+    const entry = config.files[role];
+    $(id).add(new Option(`${precisions[role]} (${entry.file}, ${(entry.bytes / 2 ** 20).toFixed(1)} MiB)`, role));
   }
-  const wanted = params.get('encoder');
-  $('encoder').value = roles.includes(wanted) ? wanted : roles[0];
+  const wanted = params.get(id);
+  $(id).value = roles.includes(wanted) ? wanted : roles[0];
+}
+
+function fillSelectors() {
+  fillSelector('encoder', ENCODER_ROLES);
+  fillSelector('decoder', DECODER_ROLES);
   $('backend').value = state.backend;
   $('backend').querySelector('[value=webgpu]').disabled = !navigator.gpu;
 }
@@ -277,7 +285,7 @@ async function main() {
     $('bundle').textContent = `${config.model?.backbone ?? "student"} at ${config.img_size}×${config.img_size}, `
       + `embedding ${config.embedding_size.join('×')}; onnxruntime-web ${ort.ort.env.versions?.web ?? ''}`;
     fillSelectors();
-    await switchEncoder($('encoder').value);
+    await switchModels();
   } catch (error) {
     fail(error);
   }

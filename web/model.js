@@ -6,6 +6,8 @@ import {
 
 const ORT_MODULES = { wasm: '/ort/ort.wasm.min.mjs', webgpu: '/ort/ort.webgpu.min.mjs' };
 export const ENCODER_ROLES = { encoder: 'fp32', encoder_int8: 'int8', encoder_fp16: 'fp16' };
+// The page's decoders: the client interface (N prompt sets, mask input) in each precision the bundle has.
+export const DECODER_ROLES = { decoder: 'fp32', decoder_int8: 'int8', decoder_fp16: 'fp16' };
 let runtime = null;
 
 /** onnxruntime-web for `backend`, set up once per page (its thread count cannot change later). */
@@ -81,8 +83,8 @@ export class Segmenter {
     this.lowHW = [4 * this.grid[0], 4 * this.grid[1]];
   }
 
-  static async load(config, encoderRole) {
-    const [encoder, decoder] = await Promise.all([createSession(config, encoderRole), createSession(config, 'decoder')]);
+  static async load(config, encoderRole, decoderRole = 'decoder') {
+    const [encoder, decoder] = await Promise.all([createSession(config, encoderRole), createSession(config, decoderRole)]);
     return new Segmenter(config, encoder, decoder);
   }
 

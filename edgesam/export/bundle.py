@@ -2,7 +2,7 @@
 
 `build_bundle` writes the fp32 ONNX files (parity with PyTorch or the stage fails), the int8
 encoder (per-tensor and per-channel weights both calibrated and measured, the better kept
-unless one is configured), the fp16 encoder and decoder, the RPN head, the checkpoints, and
+unless one is configured) and decoder (dynamic int8 weights), the fp16 encoder and decoder, the RPN head, the checkpoints, and
 measures each ONNX precision through the evaluation engine (`Segmenter.segment` with its
 default protocol, on the shard artifact's val split, beside the PyTorch model on the same
 prompts) and with onnxruntime latency.
@@ -35,7 +35,7 @@ from edgesam.export.onnx import (COMPACT_INPUTS, DECODER_INPUTS, SAM_DECODER_INP
                             fused_copy, ort_latency_ms, session)
 from edgesam.client.prior import PRE_NMS_TOP
 from edgesam.client.transforms import decoder_feeds, prompt_arrays
-from edgesam.export.quantize import prepare_encoder, quantize_encoder, to_fp16
+from edgesam.export.quantize import prepare_encoder, quantize_decoder, quantize_encoder, to_fp16
 from edgesam.metrics import summarize
 from edgesam.models.edgesam import edgesam_config
 from edgesam.models.rpn import PRIOR_RULES, RPN
@@ -83,7 +83,7 @@ def file_latency(sam: Sam, role: str, path: Path, repeats: int) -> dict[str, flo
     if role == "rpn_onnx":
         return {"image": ort_latency_ms(path, {name: np.zeros(shape, np.float32) for name, shape in inputs.items()},
                                         repeats)}
-    if role in ("decoder", "decoder_fp16"):
+    if role in ("decoder", "decoder_int8", "decoder_fp16"):
         return {"1_box": ort_latency_ms(path, _feeds(sam, 1), repeats),
                 "16_boxes": ort_latency_ms(path, _feeds(sam, 16), repeats)}
     feeds = {name: value for name, value in _feeds(sam, 1).items() if name in inputs}
@@ -112,6 +112,10 @@ def _precision_checks(fused: Sam, cfg: ExportConfig, files: dict[str, Path], cal
     candidates = _int8(fused, cfg, calibration, tmp) if "int8" in cfg.precisions else {}
     variants |= {f"int8 {mode}": (path, files["decoder"]) for mode, path in candidates.items()}
     extra: dict[str, Path] = {}
+    if "int8" in cfg.precisions:
+        extra["decoder_int8"] = tmp / "decoder_int8.onnx"
+        quantize_decoder(files["decoder"], extra["decoder_int8"])
+        variants["int8 decoder"] = (files["encoder"], extra["decoder_int8"])
     if "fp16" in cfg.precisions:
         for base in ("encoder", "decoder"):
             extra[f"{base}_fp16"] = tmp / f"{base}_fp16.onnx"
@@ -130,6 +134,7 @@ def _precision_checks(fused: Sam, cfg: ExportConfig, files: dict[str, Path], cal
 def _accuracy(role: str, miou: dict[str, Any]) -> dict[str, float] | None:
     """The measured mIoU of the variant that tests the file of `role` (and its drop from fp32)."""
     name = {"encoder": "fp32", "decoder": "fp32", "encoder_fp16": "fp16 encoder", "decoder_fp16": "fp16 decoder",
+            "decoder_int8": "int8 decoder",
             "encoder_int8": f"int8 {miou.get('int8_weights')}"}.get(role)
     if name not in miou:
         return None

@@ -49,7 +49,8 @@ def model_card(config: dict[str, Any], evaluation: dict[str, Any], parity: dict[
         f"objects of the val split, protocol `{accuracy['protocol']['name']}`, "
         f"{accuracy['protocol']['refine_iters']} corrective clicks); the other files of the variant are fp32. "
         f"int8: static QDQ, U8S8, calibrated on {accuracy['calibration_images']} {accuracy['calibration_split']} images; "
-        f"weights {variants.get('int8_weights', '-')} (the better of those measured). fp16: inputs and outputs stay "
+        f"weights {variants.get('int8_weights', '-')} (the better of those measured); decoder: dynamic, int8 MatMul "
+        "weights, activations quantized per call. fp16: inputs and outputs stay "
         "float32. Latency: onnxruntime CPU on this machine, median (x86 without AVX512-FP16 runs fp16 slower than fp32).",
         "", *file_table(config), "", *variant_table(variants), "",
         f"- `encoder*.onnx`: `image` (1, 3, S, S), resized so the longest side is S, normalized with mean "

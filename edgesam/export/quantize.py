@@ -1,4 +1,4 @@
-"""Reduced-precision copies of the exported graphs: an int8 encoder and fp16 encoder / decoder.
+"""Reduced-precision copies of the exported graphs: int8 encoder and decoder, fp16 encoder / decoder.
 
 * int8: onnxruntime static quantization in QDQ format (what TensorRT, OpenVINO, QNN and
   onnxruntime's own int8 kernels read), uint8 activations and int8 weights (U8S8, the fast
@@ -8,6 +8,11 @@
   int8 versions cost more in quantize / dequantize pairs than they save. The source graph
   is exported at opset >= 20, where GELU is one `Gelu` node (below 20 it is five
   element-wise nodes that QDQ would split apart).
+* int8 decoder: onnxruntime dynamic quantization of the MatMul weights (int8, per tensor),
+  activations quantized per call (`DynamicQuantizeLinear` + `MatMulInteger`), so no
+  calibration set: the decoder's inputs are embeddings and prompts, not images. Its time is
+  matmuls (the two-way transformer over the 64 x 64 image tokens and the upscaling), and
+  WebAssembly's integer matmul is what makes a click live in the browser (docs/DEMO.md).
 * fp16: weights and compute in float16, inputs and outputs kept float32 (`keep_io_types`),
   so clients feed and read the same arrays as for fp32. x86 CPUs without AVX512-FP16 run
   fp16 graphs slower than fp32; the files are for GPUs, NPUs and ARM.
@@ -20,7 +25,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import onnx
-from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
+                                      quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers.float16 import convert_float_to_float16
 from segment_anything.modeling import Sam
@@ -68,6 +74,17 @@ def quantize_encoder(prepared: Path, path: Path, calibration: Iterable[np.ndarra
         quantize_static(str(prepared), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CALIBRATION[method], op_types_to_quantize=QUANTIZED_OPS)
+
+
+def quantize_decoder(source: Path, path: Path) -> None:
+    """Write the decoder graph `source` with dynamically quantized int8 MatMul weights."""
+    with atomic_path(path) as out:
+        prepared = out.with_name(out.name + ".prepared.onnx")
+        try:
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+            quantize_dynamic(str(prepared), str(out), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
+        finally:
+            prepared.unlink(missing_ok=True)
 
 
 def to_fp16(source: Path, path: Path) -> None:
