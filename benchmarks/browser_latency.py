@@ -16,6 +16,11 @@ with the demo's cross-origin isolation headers, so WebAssembly gets threads; the
 with the same thread count, right after the browser on the same variant (a shared machine's
 load then weighs on both). Each (file, graph optimisation level) is timed as the median of
 --repeats runs after one warm-up run; decoders on one box over a random embedding.
+
+Then the demo page itself (`edgesam demo`'s server and page on a bundle of these files):
+skimage's astronaut encoded once, then --repeats single clicks (cleared in between) with the
+fp32 and the int8 decoder; per click the page's own figures: the decoder run and the mask
+upscaling to the 512 x 512 image, i.e. what a user waits for after a click.
 """
 
 from __future__ import annotations
@@ -242,6 +247,59 @@ class Browser:
         self.tmp.cleanup()
 
 
+def page_bundle(files: dict[str, Path], out: Path) -> Path:
+    """A bundle folder of the 1024 files (copies) with the config.json the demo server reads."""
+    from edgesam.client.bundle import FORMAT, VERSION, file_entry
+    from edgesam.data.transforms import PIXEL_MEAN, PIXEL_STD
+
+    roles = {"encoder": "encoder.onnx", "encoder_int8": "encoder_int8.onnx", "decoder": "decoder.onnx",
+             "decoder_int8": "decoder_int8.onnx"}
+    out.mkdir(parents=True, exist_ok=True)
+    for name in roles.values():
+        shutil.copyfile(files[name], out / name)
+    config = {"format": FORMAT, "version": VERSION, "img_size": 1024, "embedding_size": [64, 64],
+              "mask_threshold": 0.0, "pixel_mean": list(PIXEL_MEAN), "pixel_std": list(PIXEL_STD),
+              "model": {"backbone": "repvit_m1 (random weights)", "img_size": 1024},
+              "files": {role: file_entry(out / name) for role, name in roles.items()}}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def page_clicks(browser: Browser, bundle: Path, decoder: str, clicks: int) -> dict[str, float]:
+    """Median per-click milliseconds the demo page reports (decoder, mask upscaling, both)."""
+    from PIL import Image
+    from skimage import data
+
+    from edgesam.client.demo import make_server
+
+    server = make_server(bundle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    page = browser.browser.new_page(viewport={"width": 1280, "height": 1000})
+    state = "window.edgesam?.state"
+    try:
+        page.goto(f"{server.url}?decoder={decoder}")
+        page.wait_for_function(f"() => {state}?.status === 'ready'", timeout=300_000)
+        with tempfile.TemporaryDirectory() as tmp:
+            Image.fromarray(data.astronaut()).save(Path(tmp) / "astronaut.png")
+            page.set_input_files("#file", str(Path(tmp) / "astronaut.png"))
+            page.wait_for_function(f"() => {state}?.encodes > 0 && {state}.status === 'ready'", timeout=300_000)
+        rect, times = page.locator("#overlay").bounding_box(), []
+        for i in range(clicks + 1):  # the first click warms the decoder up
+            decodes = page.evaluate(f"() => {state}.decodes")
+            page.mouse.click(rect["x"] + rect["width"] * (0.3 + 0.4 * i / clicks), rect["y"] + rect["height"] * 0.4)
+            page.wait_for_function(f"() => {state}.decodes > {decodes}", timeout=60_000)
+            t = page.evaluate(f"() => {state}.timings")
+            times.append((t["decoderMs"], t["maskMs"]))
+            page.click("#clear")
+        times = times[1:]
+        return {"decoder_ms": statistics.median(d for d, _ in times), "mask_ms": statistics.median(m for _, m in times),
+                "click_ms": statistics.median(d + m for d, m in times), "clicks": clicks}
+    finally:
+        page.close()
+        server.shutdown()
+        server.server_close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "browser_latency.json")
@@ -279,6 +337,12 @@ def main() -> None:
                   f"native {row['native_ms']:.1f} ms (load {load:.1f})", flush=True)
             rows.append(row)
         info = browser.info
+        clicks = {}
+        if not args.bundle and not args.only:
+            bundle = page_bundle(files, args.files_dir / "page_bundle")
+            for decoder in ("decoder", "decoder_int8"):
+                clicks[decoder] = page_clicks(browser, bundle, decoder, args.repeats)
+                print(f"  demo page, {decoder}: {clicks[decoder]}", flush=True)
 
     profiles = {file: native_op_profile(files[file], feeds_for(files[file]), threads, args.repeats)
                 for file in ("decoder.onnx", "encoder.onnx") if file in used}
@@ -302,6 +366,7 @@ def main() -> None:
         "repeats": args.repeats,
         "rows": rows,
         "native_profile_shares": profiles,
+        "page_clicks": clicks,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
@@ -315,6 +380,9 @@ def main() -> None:
               f"{row['loadavg_1min']:5.1f}")
         if "browser_error" in row:
             print(f"    browser: {row['browser_error'][:200]}")
+    for decoder, c in clicks.items():
+        print(f"demo page per click, {decoder}.onnx: decoder {c['decoder_ms']:.1f} ms + mask upscaling "
+              f"{c['mask_ms']:.1f} ms = {c['click_ms']:.1f} ms (median of {c['clicks']})")
     print(f"\nwrote {args.out}")
 
 
