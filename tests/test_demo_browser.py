@@ -169,7 +169,7 @@ def test_page_masks_match_onnx_predictor(browser, bundle, tmp_path, astronaut):
     predictor.set_image(astronaut)
     messages: list[str] = []
     with Served(bundle) as url:
-        page = open_page(browser, url, messages)
+        page = open_page(browser, url + "?decoder=decoder", messages)  # fp32, as OnnxPredictor's default
         state = wait_status(page, ("ready", "error"), messages)
         assert state["status"] == "ready", state["error"]
         page.set_input_files("#file", str(photo))
@@ -243,17 +243,17 @@ def test_page_says_why_a_bundle_does_not_match(browser, smoke_bundle, tmp_path):
     shutil.copytree(smoke_bundle, bundle)
     messages: list[str] = []
     with Served(bundle) as url:
-        (bundle / "decoder.onnx").write_bytes(b"replaced after the server started")
+        (bundle / "decoder_int8.onnx").write_bytes(b"replaced after the server started")  # the page's default
         page = open_page(browser, url, messages)
         state = wait_status(page, ("error",), messages)
-        assert "decoder.onnx" in state["error"] and "does not match config.json" in state["error"], state["error"]
+        assert "decoder_int8.onnx" in state["error"] and "does not match config.json" in state["error"], state["error"]
         assert "does not match" in page.locator("#status").inner_text()
         page.close()
 
 
-def test_page_runs_the_decoder_precision_chosen(browser, smoke_bundle, tmp_path, astronaut):
-    """`?decoder=decoder_int8` (the decoder menu's int8 entry): the page's click mask is the one
-    OnnxPredictor gives with the same int8 decoder file."""
+def test_page_runs_the_int8_decoder_by_default(browser, smoke_bundle, tmp_path, astronaut):
+    """A bundle with an int8 decoder: the page picks it (the menu's default), and its click mask
+    is the one OnnxPredictor gives with the same file."""
     from edgesam.client.predictor import OnnxPredictor
 
     photo = tmp_path / "astronaut.png"
@@ -263,7 +263,7 @@ def test_page_runs_the_decoder_precision_chosen(browser, smoke_bundle, tmp_path,
     predictor.set_image(astronaut)
     messages: list[str] = []
     with Served(smoke_bundle) as url:
-        page = open_page(browser, url + "?decoder=decoder_int8", messages)
+        page = open_page(browser, url, messages)
         assert wait_status(page, ("ready", "error"), messages)["status"] == "ready"
         assert page.locator("#decoder").input_value() == "decoder_int8"
         page.set_input_files("#file", str(photo))
