@@ -2,8 +2,8 @@
 
 `build_bundle` writes the fp32 ONNX files (parity with PyTorch or the stage fails), the int8
 encoder (per-tensor and per-channel weights both calibrated and measured, the better kept
-unless one is configured) and decoder (dynamic int8 weights), the fp16 encoder and decoder, the RPN head, the checkpoints, and
-measures each ONNX precision through the evaluation engine (`Segmenter.segment` with its
+unless one is configured) and decoder (dynamic int8 weights), the fp16 encoder and decoder,
+the RPN head, the checkpoints, and measures each ONNX precision through the evaluation engine (`Segmenter.segment` with its
 default protocol, on the shard artifact's val split, beside the PyTorch model on the same
 prompts) and with onnxruntime latency.
 """
