@@ -9,6 +9,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -105,6 +106,35 @@ def test_two_writers_lose_nothing(tmp_path: Path) -> None:
         torn = db.execute("SELECT COUNT(*) FROM evaluations e WHERE (SELECT COUNT(*) FROM ious i "
                           "WHERE i.evaluation_id = e.id) != 200").fetchone()
         assert torn == (0,)
+
+
+CREATOR = """
+import sys, time
+import edgesam.eval.ledger as ledger_module
+from edgesam.eval.ledger import EvaluationKey, Ledger
+from edgesam.metrics import IoURecord
+ledger_module.git_commit = lambda: ""  # no subprocess: both writers reach the new file together
+folder, who, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
+for n in range(20):
+    while time.time() < start + 0.15 * n:
+        pass
+    Ledger(f"{folder}/ledger{n}.sqlite").append(EvaluationKey(who, "b", "p", "c"), who, "repvit_m1", "paper", [],
+                                              [IoURecord("m", "sa1b", "box", "all", 0.5, "img")], who)
+"""
+
+
+def test_two_writers_creating_a_ledger_together_both_append(tmp_path: Path) -> None:
+    """The race that once failed CI: switching a new file to WAL does not wait for a busy
+    timeout, so without the writer lock about half of these simultaneous creations failed."""
+    start = time.time() + 3  # both interpreters started and imported by then
+    writers = [subprocess.Popen([sys.executable, "-c", CREATOR, str(tmp_path), who, str(start)], cwd=REPO,
+                                stderr=subprocess.PIPE, text=True) for who in ("a", "b")]
+    for writer in writers:
+        _, err = writer.communicate(timeout=120)
+        assert writer.returncode == 0, err
+    for n in range(20):
+        with sqlite3.connect(tmp_path / f"ledger{n}.sqlite") as db:
+            assert sorted(db.execute("SELECT run_id FROM evaluations").fetchall()) == [("a",), ("b",)]
 
 
 def test_bad_files_are_named(tmp_path: Path) -> None:

@@ -3,8 +3,10 @@
 Why SQLite rather than Parquet: one file in the work dir that `sqlite3`, pandas or any SQL client
 reads; a transaction makes an evaluation (its row, its metrics and every annotation's IoU)
 appear whole or not at all; two writers (a nightly run and `edgesam models register`, two runs
-started at once) are serialised by SQLite's own lock (WAL journal, a busy timeout), so no append
-is lost or torn. Parquet would need one file per append and readers that merge them. Keep the
+started at once) are serialised by an OS lock on a file beside the ledger, then by SQLite's own
+(WAL journal, a busy timeout), so no append is lost or torn. The OS lock is needed because
+switching a new file to WAL cannot wait: two writers creating the ledger together made one fail
+at once with "database is locked", whatever the busy timeout. Parquet would need one file per append and readers that merge them. Keep the
 file on a local disk: SQLite's locks are not reliable over NFS.
 
 Rows are only ever inserted. An evaluation is keyed on (model digest, benchmark digest,
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from edgesam.metrics import IoURecord
+from edgesam.store.lock import artifact_lock
 
 LEDGER_FILE = "ledger.sqlite"  # in a profile's work dir: runs/<profile>/ledger.sqlite
 DEFAULT_WORK_DIR = Path("runs") / "default"  # the default profile's work dir
@@ -136,22 +139,22 @@ def git_commit(root: Path = REPO_ROOT) -> str:
 
 @contextmanager
 def transaction(path: Path) -> Iterator[sqlite3.Connection]:
-    """A write transaction on the ledger at `path` (created with its schema when new): taken with
-    BEGIN IMMEDIATE, so a concurrent writer waits for it instead of failing halfway."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-    try:
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("BEGIN IMMEDIATE")
-        _create(db)
-        yield db
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
-    finally:
-        db.close()
+    """A write transaction on the ledger at `path` (created with its schema when new), with the
+    ledger's writer lock held: a concurrent writer waits for it instead of failing halfway."""
+    with artifact_lock(path, "ledger"):
+        db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("BEGIN IMMEDIATE")
+            _create(db)
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        finally:
+            db.close()
 
 
 def _create(db: sqlite3.Connection) -> None:
