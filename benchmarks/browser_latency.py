@@ -17,10 +17,11 @@ with the same thread count, right after the browser on the same variant (a share
 load then weighs on both). Each (file, graph optimisation level) is timed as the median of
 --repeats runs after one warm-up run; decoders on one box over a random embedding.
 
-Then the demo page itself (`edgesam demo`'s server and page on a bundle of these files):
-skimage's astronaut encoded once, then --repeats single clicks (cleared in between) with the
-fp32 and the int8 decoder; per click the page's own figures: the decoder run and the mask
-upscaling to the 512 x 512 image, i.e. what a user waits for after a click.
+Then the demo page itself (`edgesam demo`'s server and page on a bundle of these files), with
+the fp32 and the int8 decoder, each with and without the page's warm-up after loading: skimage's
+astronaut encoded once, then --page-clicks single clicks (cleared in between); per click the
+page's own figures, the decoder run and the mask upscaling to the 512 x 512 image, i.e. what a
+user waits for after a click (clicks 1-3 apart: that is where WebAssembly tier-up shows).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -212,9 +214,10 @@ def native_op_profile(path: Path, specs: dict[str, dict], threads: int, repeats:
 class Browser:
     """The benchmark page in headless Chromium, served with the demo's headers from 127.0.0.1."""
 
-    def __init__(self, files: dict[str, Path]) -> None:
+    def __init__(self, files: dict[str, Path], chromium_args: tuple[str, ...] = ()) -> None:
         from edgesam.client.demo import WEB_DIR, DemoServer, Route, _web_routes
 
+        self.chromium_args = chromium_args
         self.tmp = tempfile.TemporaryDirectory()
         (Path(self.tmp.name) / "bench.html").write_text(PAGE)
         routes = {k: v for k, v in _web_routes(WEB_DIR).items() if k.startswith("/ort/")}
@@ -229,7 +232,7 @@ class Browser:
         self.playwright = sync_playwright().start()
         self.browser = self.playwright.chromium.launch(
             executable_path=shutil.which("chromium") or "/usr/bin/chromium", headless=True,
-            args=["--no-sandbox", "--disable-dev-shm-usage"])
+            args=["--no-sandbox", "--disable-dev-shm-usage", *self.chromium_args])
         self.page = self.browser.new_page()
         self.page.goto(self.server.url)
         self.page.wait_for_function("() => window.info !== undefined", timeout=60_000)
@@ -265,8 +268,11 @@ def page_bundle(files: dict[str, Path], out: Path) -> Path:
     return out
 
 
-def page_clicks(browser: Browser, bundle: Path, decoder: str, clicks: int) -> dict[str, float]:
-    """Median per-click milliseconds the demo page reports (decoder, mask upscaling, both)."""
+def page_clicks(browser: Browser, bundle: Path, decoder: str, clicks: int, warm_up: bool) -> dict[str, Any]:
+    """The demo page's own per-click milliseconds (decoder run + mask upscaling) for `clicks`
+    single clicks (cleared in between) right after the first image, with or without the page's
+    warm-up after loading (`?warmup=0`), and that image's encoder milliseconds. No click is
+    dropped: the first ones are what the warm-up is for (WebAssembly tier-up)."""
     from PIL import Image
     from skimage import data
 
@@ -277,23 +283,24 @@ def page_clicks(browser: Browser, bundle: Path, decoder: str, clicks: int) -> di
     page = browser.browser.new_page(viewport={"width": 1280, "height": 1000})
     state = "window.edgesam?.state"
     try:
-        page.goto(f"{server.url}?decoder={decoder}")
+        page.goto(f"{server.url}?decoder={decoder}" + ("" if warm_up else "&warmup=0"))
         page.wait_for_function(f"() => {state}?.status === 'ready'", timeout=300_000)
+        warm_up_ms = page.evaluate(f"() => {state}.warmUpMs ?? 0")
         with tempfile.TemporaryDirectory() as tmp:
             Image.fromarray(data.astronaut()).save(Path(tmp) / "astronaut.png")
             page.set_input_files("#file", str(Path(tmp) / "astronaut.png"))
             page.wait_for_function(f"() => {state}?.encodes > 0 && {state}.status === 'ready'", timeout=300_000)
+        encoder_ms = page.evaluate(f"() => {state}.timings.encoderMs")
         rect, times = page.locator("#overlay").bounding_box(), []
-        for i in range(clicks + 1):  # the first click warms the decoder up
+        for i in range(clicks):
             decodes = page.evaluate(f"() => {state}.decodes")
             page.mouse.click(rect["x"] + rect["width"] * (0.3 + 0.4 * i / clicks), rect["y"] + rect["height"] * 0.4)
             page.wait_for_function(f"() => {state}.decodes > {decodes}", timeout=60_000)
             t = page.evaluate(f"() => {state}.timings")
-            times.append((t["decoderMs"], t["maskMs"]))
+            times.append(round(t["decoderMs"] + t["maskMs"], 1))
             page.click("#clear")
-        times = times[1:]
-        return {"decoder_ms": statistics.median(d for d, _ in times), "mask_ms": statistics.median(m for _, m in times),
-                "click_ms": statistics.median(d + m for d, m in times), "clicks": clicks}
+        return {"warm_up_ms": warm_up_ms, "first_encoder_ms": encoder_ms, "click_ms": times,
+                "first_3_ms": statistics.median(times[:3]), "later_ms": statistics.median(times[3:])}
     finally:
         page.close()
         server.shutdown()
@@ -307,6 +314,10 @@ def main() -> None:
     parser.add_argument("--files-dir", type=Path, default=REPO / "runs" / "bench" / "browser_files_1024")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", nargs="*", help="labels' substrings to keep (default: every variant)")
+    parser.add_argument("--page-clicks", type=int, default=10, help="clicks per demo page run")
+    parser.add_argument("--chromium-arg", action="append", default=[],
+                        help="extra Chromium flag, e.g. --chromium-arg=--js-flags=--no-liftoff (optimised WebAssembly "
+                             "from the first run)")
     args = parser.parse_args()
 
     files = bundle_files(args.bundle) if args.bundle else build_files(args.files_dir)
@@ -317,7 +328,7 @@ def main() -> None:
     rows = []
     # Each variant in the browser, then natively, back to back: on a shared machine both sides
     # of a row see about the same load.
-    with Browser({k: v for k, v in files.items() if k in used}) as browser:
+    with Browser({k: v for k, v in files.items() if k in used}, tuple(args.chromium_arg)) as browser:
         threads = int(browser.info["threads"])
         print(f"browser: {threads} WebAssembly thread(s), cross-origin isolated {browser.info['isolated']}", flush=True)
         for case in cases:
@@ -341,8 +352,10 @@ def main() -> None:
         if not args.bundle and not args.only:
             bundle = page_bundle(files, args.files_dir / "page_bundle")
             for decoder in ("decoder", "decoder_int8"):
-                clicks[decoder] = page_clicks(browser, bundle, decoder, args.repeats)
-                print(f"  demo page, {decoder}: {clicks[decoder]}", flush=True)
+                for warm_up in (True, False):
+                    name = f"{decoder}, {'warm-up' if warm_up else 'no warm-up'}"
+                    clicks[name] = page_clicks(browser, bundle, decoder, args.page_clicks, warm_up)
+                    print(f"  demo page, {name}: {clicks[name]}", flush=True)
 
     profiles = {file: native_op_profile(files[file], feeds_for(files[file]), threads, args.repeats)
                 for file in ("decoder.onnx", "encoder.onnx") if file in used}
@@ -357,6 +370,7 @@ def main() -> None:
         "what": "median ms of one run (after a warm-up run) at the files' input size; decoders: one box",
         "files": "random-weight fused RepViT-M1 student at 1024" if not args.bundle else str(args.bundle),
         "browser": {"engine": "headless Chromium, onnxruntime-web WebAssembly (SIMD, threaded)",
+                    "chromium_args": args.chromium_arg,
                     "threads": threads, "cross_origin_isolated": info["isolated"],
                     "user_agent": info["userAgent"], "onnxruntime_web": info.get("version")},
         "native": {"onnxruntime": onnxruntime.__version__, "provider": "CPUExecutionProvider",
@@ -380,9 +394,12 @@ def main() -> None:
               f"{row['loadavg_1min']:5.1f}")
         if "browser_error" in row:
             print(f"    browser: {row['browser_error'][:200]}")
-    for decoder, c in clicks.items():
-        print(f"demo page per click, {decoder}.onnx: decoder {c['decoder_ms']:.1f} ms + mask upscaling "
-              f"{c['mask_ms']:.1f} ms = {c['click_ms']:.1f} ms (median of {c['clicks']})")
+    if clicks:
+        print(f"\n{'demo page (decoder + mask upscaling per click)':48} {'warm-up':>8} {'1st encode':>10} "
+              f"{'clicks 1-3':>10} {'later':>6}")
+    for name, c in clicks.items():
+        print(f"{name:48} {c['warm_up_ms']:8.0f} {c['first_encoder_ms']:10.0f} {c['first_3_ms']:10.1f} "
+              f"{c['later_ms']:6.1f}")
     print(f"\nwrote {args.out}")
 
 

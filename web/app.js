@@ -8,9 +8,11 @@ const $ = (id) => document.getElementById(id);
 const DRAG_PIXELS = 5; // a press that moves less than this (screen pixels) is a click
 const MASK_RGBA = [30, 144, 255, 115];
 const params = new URLSearchParams(location.search);
+// ?warmup=N: decoder runs on zeros after loading (0: no warm-up at all); default in model.js
+const WARM_UP_RUNS = params.has('warmup') ? Number(params.get('warmup')) : undefined;
 const state = {
   status: 'starting', error: '', encodes: 0, decodes: 0, points: [], labels: [], box: null,
-  width: 0, height: 0, mask: null, score: null, token: null, timings: {}, backend: null, threads: null,
+  width: 0, height: 0, mask: null, score: null, token: null, timings: {}, backend: null, threads: null, warmUpMs: null,
 };
 window.edgesam = {
   state,
@@ -19,6 +21,7 @@ window.edgesam = {
 };
 let config = null;
 let segmenter = null;
+let modelsReady = false; // loaded and warmed up: an image opened before then is encoded when they are
 let rgb = null;
 let imageName = 'image';
 
@@ -37,6 +40,7 @@ function fail(error) {
 function showTimings() {
   const t = state.timings;
   const parts = [];
+  if (t.encoderMs === undefined && state.warmUpMs !== null) parts.push(`warm-up ${state.warmUpMs.toFixed(0)} ms`);
   if (t.encoderMs !== undefined) parts.push(`encoder ${t.encoderMs.toFixed(0)} ms (+ ${t.preprocessMs.toFixed(0)} ms resize)`);
   if (t.decoderMs !== undefined) parts.push(`decoder ${t.decoderMs.toFixed(0)} ms (+ ${t.maskMs.toFixed(0)} ms mask upscaling)`);
   const where = `${state.backend === 'webgpu' ? 'WebGPU' : 'WebAssembly'}, ${state.threads} thread${state.threads > 1 ? 's' : ''}`;
@@ -82,7 +86,7 @@ async function openImage(blob, name) {
     [state.height, state.width] = [$('image').height, $('image').width];
     $('stage').classList.add('loaded');
     clearPrompt();
-    await encode();
+    if (modelsReady) await encode(); // else switchModels encodes it once the models are warm
   } catch (error) {
     fail(error);
   }
@@ -247,9 +251,16 @@ function wireControls() {
 async function switchModels() {
   const [encoder, decoder] = [$('encoder').value, $('decoder').value];
   try {
+    modelsReady = false;
     setStatus('loading', `loading ${config.files[encoder].file} and ${config.files[decoder].file}…`);
     segmenter = await Segmenter.load(config, encoder, decoder);
     Object.assign(state, { encoder, decoder });
+    if (WARM_UP_RUNS !== 0) {
+      setStatus('warming', 'warming up the decoder…');
+      state.warmUpMs = await segmenter.warmUp(WARM_UP_RUNS);
+      showTimings();
+    }
+    modelsReady = true;
     if (rgb) await encode();
     else setStatus('ready', 'open or drop an image');
   } catch (error) {

@@ -8,6 +8,8 @@ const ORT_MODULES = { wasm: '/ort/ort.wasm.min.mjs', webgpu: '/ort/ort.webgpu.mi
 export const ENCODER_ROLES = { encoder: 'fp32', encoder_int8: 'int8', encoder_fp16: 'fp16' };
 // The page's decoders: the client interface (N prompt sets, mask input) in each precision the bundle has.
 export const DECODER_ROLES = { decoder: 'fp32', decoder_int8: 'int8', decoder_fp16: 'fp16' };
+// Decoder runs on zeros after loading: enough for Chromium's WebAssembly tier-up (docs/DEMO.md).
+const WARM_UP_DECODER_RUNS = 10;
 let runtime = null;
 
 /** onnxruntime-web for `backend`, set up once per page (its thread count cannot change later). */
@@ -88,6 +90,35 @@ export class Segmenter {
     return new Segmenter(config, encoder, decoder);
   }
 
+  /**
+   * Run the decoder `decoderRuns` times on a zero embedding, so that the first clicks run at full
+   * speed: browsers compile WebAssembly with a baseline compiler first and optimise the hot
+   * functions during the first runs (in Chromium the first 4-6 clicks took 1.5-2.5x the later
+   * ones without it, docs/DEMO.md). The encoder is not warmed up: that bought nothing measurable
+   * for the first image. Returns the milliseconds spent.
+   */
+  async warmUp(decoderRuns = WARM_UP_DECODER_RUNS) {
+    const { ort } = runtime;
+    const start = performance.now();
+    const shape = metadataShape(this.encoder.outputMetadata);
+    const embedding = new ort.Tensor('float32', new Float32Array(shape.reduce((a, b) => a * b, 1)), shape);
+    const center = [[this.config.img_size / 2, this.config.img_size / 2]];
+    for (let i = 0; i < decoderRuns; i++) await this.decode(embedding, promptArrays(center, [1], null));
+    return performance.now() - start;
+  }
+
+  /** One decoder run on `embedding` for the prompt arrays of `promptArrays` (coordinates at the input size). */
+  decode(embedding, prompt) {
+    const { ort } = runtime;
+    return this.decoder.run({
+      image_embeddings: embedding,
+      point_coords: new ort.Tensor('float32', prompt.coords, [1, prompt.count, 2]),
+      point_labels: new ort.Tensor('float32', prompt.labels, [1, prompt.count]),
+      mask_input: new ort.Tensor('float32', new Float32Array(this.lowHW[0] * this.lowHW[1]), [1, 1, ...this.lowHW]),
+      has_mask_input: new ort.Tensor('float32', new Float32Array([0]), [1]),
+    });
+  }
+
   /** Encode an RGB image (Uint8Array H*W*3); returns the milliseconds of preprocessing and of the encoder run. */
   async setImage(rgb, height, width) {
     const { ort } = runtime;
@@ -111,20 +142,12 @@ export class Segmenter {
    * token's predicted IoU and the milliseconds of the decoder run and of the mask upscaling.
    */
   async segment(points, labels, box) {
-    const { ort } = runtime;
     const { config } = this;
     const scaled = scaleCoords(points, this.originalHW, config.img_size);
     const scaledBox = box ? scaleCoords([box.slice(0, 2), box.slice(2)], this.originalHW, config.img_size).flat() : null;
     const prompt = promptArrays(scaled, labels, scaledBox);
-    const feeds = {
-      image_embeddings: this.embeddings,
-      point_coords: new ort.Tensor('float32', prompt.coords, [1, prompt.count, 2]),
-      point_labels: new ort.Tensor('float32', prompt.labels, [1, prompt.count]),
-      mask_input: new ort.Tensor('float32', new Float32Array(this.lowHW[0] * this.lowHW[1]), [1, 1, ...this.lowHW]),
-      has_mask_input: new ort.Tensor('float32', new Float32Array([0]), [1]),
-    };
     const start = performance.now();
-    const { scores, masks } = await this.decoder.run(feeds);
+    const { scores, masks } = await this.decode(this.embeddings, prompt);
     const decoded = performance.now();
     const token = chooseToken(scores.data, points.length, Boolean(box));
     const plane = this.lowHW[0] * this.lowHW[1];
