@@ -6,8 +6,9 @@ appear whole or not at all; two writers (a nightly run and `edgesam models regis
 started at once) are serialised by an OS lock on a file beside the ledger, then by SQLite's own
 (WAL journal, a busy timeout), so no append is lost or torn. The OS lock is needed because
 switching a new file to WAL cannot wait: two writers creating the ledger together made one fail
-at once with "database is locked", whatever the busy timeout. Parquet would need one file per append and readers that merge them. Keep the
-file on a local disk: SQLite's locks are not reliable over NFS.
+at once with "database is locked", whatever the busy timeout. Parquet would need one file per
+append and readers that merge them. Keep the file on a local disk: SQLite's locks are not
+reliable over NFS.
 
 Rows are only ever inserted. An evaluation is keyed on (model digest, benchmark digest,
 protocol, evaluation code version): a key already in the ledger is a result that need not be
