@@ -5,6 +5,7 @@
     edgesam models list
     edgesam models results [--night RUN_ID]           # a night's results tables, stamped (docs)
     edgesam models results --run evaluate/<fp>        # an evaluate stage's tables, stamped (README)
+    edgesam models results --run ablations/<key>      # an ablations run's table, stamped (docs)
 
 The registry lives in the ledger file: `--ledger`, else `EDGESAM_LEDGER`, else `runs/default/ledger.sqlite`
 (the default profile's work dir, where its nightly runs and evaluate stages write).
@@ -50,12 +51,16 @@ def cmd_models(args: argparse.Namespace) -> None:
         elif args.models_command == "alias":
             _print_versions([registry.move_alias(args.alias, args.name, args.version)])
         elif args.models_command == "results":
+            from edgesam.eval.ablation import RUN_PREFIX, ablation_markdown
             from edgesam.eval.history import results_markdown, stage_results_markdown
             from edgesam.eval.ledger import Ledger
 
             ledger = Ledger(registry.path)
-            print(stage_results_markdown(ledger, args.run, args.protocol) if args.run
-                  else results_markdown(ledger, args.night))
+            if args.run and args.run.startswith(RUN_PREFIX):
+                print(ablation_markdown(ledger, args.run))
+            else:
+                print(stage_results_markdown(ledger, args.run, args.protocol) if args.run
+                      else results_markdown(ledger, args.night))
         else:
             _print_versions(registry.versions())
     except _errors() as exc:
@@ -82,7 +87,8 @@ def add_models_parser(sub: Any) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--night", default=None, help="the night's run id or a unique prefix (default: the latest)")
     which.add_argument("--run", default=None, help="an evaluate stage's run instead: evaluate/<fingerprint> (or a "
-                                                   "unique prefix), the README's tables")
+                                                   "unique prefix), the README's tables; or an ablations run: "
+                                                   "ablations/<key>, the ablation table")
     p.add_argument("--protocol", default="paper", help="with --run: the protocol whose results to show")
     for p in commands.choices.values():
         p.add_argument("--ledger", type=Path, default=None, help="ledger file (default: EDGESAM_LEDGER or "

@@ -3,8 +3,10 @@
 Each variant is the `edgesam` flow (a subflow) with `stages=["prompt_kd"]` and one change to
 the `prompt_kd` section; embed, teacher and encoder_kd come from the cache (run the DAG
 first). The measurement is each run's own val report (the phase-2 student's box and point
-mIoU against ground truth and against the teacher, on the same val annotations), with
-bootstrap intervals and the paired difference to the baseline (`edgesam.eval.ablation.ablation_rows`).
+mIoU against ground truth and against the teacher, on the same val annotations). It goes into
+the work dir's results ledger under one run id (`ablations/<key>`), and the table, with
+bootstrap intervals and the paired difference to the baseline, is rendered from the ledger
+(`edgesam.eval.ablation`; again later with `edgesam models results --run ablations/<key>`).
 
     python -m flows.ablations --profile default        # or: prefect deployment run edgesam-ablations/default
 """
@@ -12,20 +14,19 @@ bootstrap intervals and the paired difference to the baseline (`edgesam.eval.abl
 from __future__ import annotations
 
 import argparse
-import hashlib
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from edgesam.artifacts import write_json_atomic, write_text_atomic
+from edgesam.artifacts import Artifact, write_json_atomic, write_text_atomic
 from edgesam.config import deep_merge
-from edgesam.eval.ablation import ablation_rows, ablation_table
+from edgesam.eval.ablation import BASELINE, ablation_markdown, ablation_rows, append_ablations
+from edgesam.eval.ledger import Ledger, default_path
 from flows.params import Profile
 from flows.pipeline import edgesam
 
-BASELINE = "baseline"
 # EdgeSAM's ablations of prompt-in-the-loop KD (paper Sec. 4.3): decoding iterations, prompt
 # types, a frozen decoder, and soft (logit) instead of binary teacher targets.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -52,26 +53,28 @@ def edgesam_ablations(
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         raise ValueError(f"unknown ablation variants {unknown}; known: {sorted(VARIANTS)}")
-    runs: dict[str, Path] = {}
+    runs: dict[str, Artifact] = {}
     for name in [BASELINE, *names]:
         change = {} if name == BASELINE else {"prompt_kd": VARIANTS[name]}
         logger.info("ablation %s: prompt_kd with %s", name, change or "the profile's settings")
         result = edgesam(profile=profile, work_dir=work_dir, stages=["prompt_kd"],
                          overrides=deep_merge(overrides or {}, change))
-        runs[name] = Path(result["prompt_kd"]["path"])
-    rows = ablation_rows({name: path / "val_ious.jsonl" for name, path in runs.items()}, BASELINE)
-    key = hashlib.sha256("".join(p.name for p in runs.values()).encode()).hexdigest()[:16]
-    out = runs[BASELINE].parents[1] / "ablations" / key
-    table = "\n".join([f"# EdgeSAM phase-2 ablations, profile `{profile}`", "",
-                       "Phase-2 student on the val images of each prompt_kd run: mIoU [bootstrap 95% over images]; "
-                       "for variants also the paired difference to the baseline [95%], * when it excludes 0.", "",
-                       *ablation_table(rows, BASELINE), "",
-                       *[f"- `{name}`: `{path}`" for name, path in runs.items()], ""])
-    write_json_atomic(out / "ablations.json", {"runs": {n: str(p) for n, p in runs.items()}, "rows": rows})
+        runs[name] = Artifact("prompt_kd", result["prompt_kd"]["fingerprint"], Path(result["prompt_kd"]["path"]))
+    store_root = runs[BASELINE].root
+    ledger = Ledger(default_path(store_root))
+    run_id = append_ablations(ledger, runs)
+    table = "\n".join([f"# EdgeSAM phase-2 ablations, profile `{profile}`", "", ablation_markdown(ledger, run_id), "",
+                       *[f"- `{name}`: `{run.path}`" for name, run in runs.items()], "",
+                       f"The same table from the ledger: `edgesam models results --run {run_id}"
+                       f" --ledger {ledger.path}`", ""])
+    rows = ablation_rows(ledger, run_id)
+    out = store_root / run_id
+    write_json_atomic(out / "ablations.json", {"run_id": run_id, "runs": {n: str(r.path) for n, r in runs.items()},
+                                               "rows": rows})
     write_text_atomic(out / "ablations.md", table)
     create_markdown_artifact(table, key=f"edgesam-ablations-{profile}", description="phase-2 ablations")
-    logger.info("ablation table: %s", out / "ablations.md")
-    return {"table": str(out / "ablations.md"), "rows": rows}
+    logger.info("ablation table: %s (ledger run %s)", out / "ablations.md", run_id)
+    return {"table": str(out / "ablations.md"), "rows": rows, "run_id": run_id}
 
 
 def main() -> None:

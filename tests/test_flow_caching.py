@@ -229,27 +229,52 @@ def test_retries_transient_io_only(tmp_path, fake):
     assert not list((tmp_path / "runs" / "shard").glob("*/manifest.json"))
 
 
-def test_ablation_flow_reruns_prompt_kd_per_variant_and_tabulates_intervals(tmp_path, fake):
+def test_ablation_flow_reruns_prompt_kd_per_variant_and_tabulates_intervals_from_the_ledger(
+        tmp_path, fake, monkeypatch, capsys):
+    from edgesam.cli import main as edgesam_cli
+    from edgesam.eval.ledger import Ledger
     from edgesam.eval.miou import records_jsonl
     from edgesam.metrics import IoURecord
     from flows.ablations import edgesam_ablations
 
-    run = fake._runner("prompt_kd")
+    monkeypatch.delenv("EDGESAM_LEDGER", raising=False)
+    run_prompt_kd, run_embed = fake._runner("prompt_kd"), fake._runner("embed")
 
     def prompt_kd(cfg, runtime, inputs, out):  # IoUs that depend on the variant's decoding iterations
         records = [IoURecord("prompt_kd", "val", prompt, "all", min(1.0, 0.3 + 0.1 * cfg.decode_iters + 0.01 * (i % 3)),
                              f"img{i}") for prompt in ("box_gt", "point_gt", "box_teacher", "point_teacher")
                    for i in range(12)]
+        records.append(IoURecord("teacher", "val", "box_gt", "all", 0.9, "img0"))  # not the student's: not recorded
         (out / "val_ious.jsonl").write_text(records_jsonl({"val": records}))
-        return run(cfg, runtime, inputs, out)
+        (out / "student.pt").write_bytes(f"weights {cfg.decode_iters}".encode())
+        return run_prompt_kd(cfg, runtime, inputs, out) | {"student": "student.pt", "val_ious": "val_ious.jsonl"}
 
-    fake.modules["prompt_kd"].run = prompt_kd
+    def embed(cfg, runtime, inputs, out):
+        return run_embed(cfg, runtime, inputs, out) | {"splits": {"val": {"shards": [
+            {"path": "val/shard-000000.tar", "sha256": "ab" * 32}]}}}
+
+    fake.modules["prompt_kd"].run, fake.modules["embed"].run = prompt_kd, embed
     edgesam(profile="smoke", work_dir=tmp_path / "runs")  # the upstream, committed
     fake.calls.clear()
-    result = edgesam_ablations(profile="smoke", work_dir=tmp_path / "runs", variants=["decode_iters=1", "decode_iters=3"])
+    variants = ["decode_iters=1", "decode_iters=3"]
+    result = edgesam_ablations(profile="smoke", work_dir=tmp_path / "runs", variants=variants)
     assert fake.calls == ["prompt_kd"] * 2  # the variants; the baseline (smoke: 2 iterations) is cached
     rows = {r["variant"]: r for r in result["rows"]}
     assert rows["decode_iters=3"]["box_gt_vs_baseline"]["diff"] > 0 and rows["decode_iters=3"]["box_gt_vs_baseline"]["significant"]
     assert rows["decode_iters=1"]["box_gt_vs_baseline"]["diff"] < 0
     table = Path(result["table"]).read_text()
-    assert "decode_iters=3" in table and "(baseline)" in table
+    assert "| decode_iters=3 |" in table and "| baseline |" in table and result["run_id"] in table
+
+    ledger = Ledger(tmp_path / "runs" / "ledger.sqlite")  # the work dir's ledger holds the runs' results
+    evaluations = ledger.run(result["run_id"])
+    assert [e.model_name for e in evaluations] == ["baseline", *variants]
+    assert all(e.annotations == 12 and e.images == 12 and e.backbone == "repvit_m1" for e in evaluations)
+    assert len({e.model_digest for e in evaluations}) == 3 and len({e.benchmark_digest for e in evaluations}) == 1
+    again = edgesam_ablations(profile="smoke", work_dir=tmp_path / "runs", variants=variants)
+    assert again["run_id"] == result["run_id"] and len(ledger.run(result["run_id"])) == 3  # nothing appended twice
+
+    edgesam_cli(["models", "results", "--run", result["run_id"], "--ledger", str(ledger.path)])
+    printed = capsys.readouterr().out
+    assert f"Ablations `{result['run_id']}`" in printed and "commit `" in printed
+    assert [line for line in printed.splitlines() if line.startswith("|")] == \
+        [line for line in table.splitlines() if line.startswith("|")]

@@ -1,16 +1,33 @@
-"""Ablation tables: each variant's val mIoU with its bootstrap interval and the paired
-difference to the baseline, from the runs' per-annotation IoU files."""
+"""Ablation runs in the results ledger, and their table rendered from it.
+
+Each variant's phase-2 student is measured by its own prompt_kd run on the val images (its
+`val_ious.jsonl`: box and point prompts against ground truth and against the teacher's masks).
+`append_ablations` records those measurements as ledger evaluations under one run id
+(`ablations/<key>`), keyed like every ledger result: the student's SHA-256, the val data's
+content (the embed artifact's val shards and the teacher), the report's settings and the
+prompt_kd code version. `ablation_markdown` renders the table from the ledger alone, stamped
+with the run, its date and commit, so the docs' ablation figures name the code that made them.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-from edgesam.eval.stats import miou_interval, paired_difference, per_image
+from edgesam.artifacts import Artifact, ArtifactStore
+from edgesam.eval.ledger import EvaluationKey, Ledger, LedgerError
+from edgesam.eval.stats import LEVEL, miou_interval, paired_difference, per_image
 from edgesam.metrics import IoURecord
+from edgesam.store.code import code_version
 
 ABLATION_PROMPTS = ("box_gt", "point_gt", "box_teacher", "point_teacher")
+BASELINE = "baseline"
+PROTOCOL_NAME = "prompt_kd-val"  # the prompt_kd stage's own val report
+DATASET = "val"
+RUN_PREFIX = "ablations/"  # the ledger run ids of ablations runs
+STUDENT = "prompt_kd"  # the model name of the phase-2 student in a prompt_kd run's val_ious.jsonl
 
 
 def read_ious(path: Path) -> list[IoURecord]:
@@ -19,23 +36,69 @@ def read_ious(path: Path) -> list[IoURecord]:
     return [IoURecord(**{k: v for k, v in row.items() if k != "protocol"}) for row in rows]
 
 
-def ablation_rows(val_ious: dict[str, Path], baseline: str, model: str = "prompt_kd") -> list[dict[str, Any]]:
-    """Per variant and prompt: the phase-2 student's val mIoU with its interval, and the paired
-    difference to `baseline` (the same val annotations), from each run's `val_ious.jsonl`."""
-    records = {name: read_ious(path) for name, path in val_ious.items()}
+def ablation_run_id(runs: Mapping[str, Artifact]) -> str:
+    """`ablations/<key>`: one id per set of prompt_kd runs (the same runs give the same id)."""
+    return RUN_PREFIX + hashlib.sha256("".join(run.fingerprint for run in runs.values()).encode()).hexdigest()[:16]
+
+
+def val_benchmark_digest(embed: Artifact, teacher: Artifact) -> str:
+    """The content a prompt_kd val report measures on: the embed artifact's val shards (images,
+    annotations, teacher embeddings) by their recorded SHA-256, and the teacher's weights."""
+    shards = sorted((s["path"], s["sha256"]) for s in embed.manifest["splits"][DATASET]["shards"])
+    text = "".join(f"{Path(path).name} {digest}\n" for path, digest in shards)
+    return hashlib.sha256(f"{text}teacher {teacher.manifest['content']}\n".encode()).hexdigest()
+
+
+def _evaluation(run: Artifact) -> tuple[EvaluationKey, list[IoURecord], str]:
+    """A prompt_kd run's val measurement as a ledger key, its student's IoUs and its backbone."""
+    manifest, store = run.manifest, ArtifactStore(run.root)
+    records = [r for r in read_ious(run.path / manifest["val_ious"]) if r.model == STUDENT]
+    protocol = json.dumps({"report": PROTOCOL_NAME, "dataset": DATASET, "eval_images": manifest["config"]["eval_images"],
+                           "prompts": list(ABLATION_PROMPTS)}, sort_keys=True)
+    key = EvaluationKey(manifest["files"][manifest["student"]]["sha256"],
+                        val_benchmark_digest(store.upstream(run, "embed"), store.upstream(run, "teacher")),
+                        protocol, code_version(manifest["code"]))
+    return key, records, store.upstream(run, "encoder_kd").manifest["config"]["backbone"]
+
+
+def append_ablations(ledger: Ledger, runs: Mapping[str, Artifact]) -> str:
+    """Record each variant's (name -> its prompt_kd artifact) val measurement in `ledger` under
+    the runs' id, once (a rerun of the same runs appends nothing); returns the run id."""
+    run_id = ablation_run_id(runs)
+    for name, run in runs.items():
+        key, records, backbone = _evaluation(run)
+        found = ledger.find(key)
+        if found is not None and found.run_id == run_id:
+            continue
+        metrics = []
+        for prompt in ABLATION_PROMPTS:
+            m = miou_interval(per_image(records, STUDENT, DATASET, prompt))
+            metrics.append({"dataset": DATASET, "prompt": prompt, "metric": "miou", "value": m["miou"], "low": m["low"],
+                            "high": m["high"], "images": m["images"], "annotations": m["annotations"]})
+        ledger.append(key, name, backbone, PROTOCOL_NAME, metrics, records, run_id)
+    return run_id
+
+
+def ablation_rows(ledger: Ledger, run_id: str) -> list[dict[str, Any]]:
+    """Per variant of the run and prompt: the val mIoU with its interval, and the paired
+    difference to the baseline (the same val annotations), from the ledger's IoUs."""
+    found = [e for e in ledger.run(run_id) if e.protocol_name == PROTOCOL_NAME]
+    by_name = {e.model_name: e for e in found}
+    if BASELINE not in by_name:
+        raise LedgerError(f"run {run_id!r} has no {BASELINE!r} evaluation (variants: {sorted(by_name)})")
+    ious = {name: {p: ledger.per_image(e.id, DATASET, p) for p in ABLATION_PROMPTS} for name, e in by_name.items()}
     rows = []
-    for name, found in records.items():
+    for name in by_name:
         row: dict[str, Any] = {"variant": name}
         for prompt in ABLATION_PROMPTS:
-            mine = per_image(found, model, "val", prompt)
-            row[prompt] = miou_interval(mine)
-            if name != baseline:
-                row[f"{prompt}_vs_baseline"] = paired_difference(mine, per_image(records[baseline], model, "val", prompt))
+            row[prompt] = miou_interval(ious[name][prompt])
+            if name != BASELINE:
+                row[f"{prompt}_vs_baseline"] = paired_difference(ious[name][prompt], ious[BASELINE][prompt])
         rows.append(row)
     return rows
 
 
-def ablation_table(rows: list[dict[str, Any]], baseline: str) -> list[str]:
+def ablation_table(rows: list[dict[str, Any]]) -> list[str]:
     """Markdown: mIoU [95%] per prompt, and the difference to the baseline [95%] (* when significant)."""
     head = " | ".join(ABLATION_PROMPTS)
     lines = [f"| variant | {head} |", "|---|" + "---|" * len(ABLATION_PROMPTS)]
@@ -48,5 +111,18 @@ def ablation_table(rows: list[dict[str, Any]], baseline: str) -> list[str]:
                 d = row[f"{prompt}_vs_baseline"]
                 cell += f"; {d['diff']:+.3f} [{d['diff_low']:+.3f}, {d['diff_high']:+.3f}]{' *' if d['significant'] else ''}"
             cells.append(cell)
-        lines.append(f"| {row['variant']}{' (baseline)' if row['variant'] == baseline else ''} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
     return lines
+
+
+def ablation_markdown(ledger: Ledger, run_id: str) -> str:
+    """The ablation table of one ablations run, stamped with its id, date, commit and val data."""
+    rows = ablation_rows(ledger, run_id)
+    first = next(e for e in ledger.run(run_id) if e.protocol_name == PROTOCOL_NAME)
+    size = rows[0][ABLATION_PROMPTS[0]]
+    return "\n".join([
+        f"Ablations `{first.run_id}` of {first.created_at} (UTC), commit `{first.git_commit or 'unknown'}`; val data "
+        f"`{first.benchmark_digest[:12]}`: {size['images']} images, {size['annotations']} objects. Each variant's "
+        f"phase-2 student on its prompt_kd run's val report: mIoU vs ground truth (`_gt`) and vs the teacher's masks "
+        f"(`_teacher`) [bootstrap {LEVEL:.0%} over images]; for each variant also its paired difference to the "
+        f"baseline [{LEVEL:.0%}], `*` where that interval excludes 0.", "", *ablation_table(rows)])
