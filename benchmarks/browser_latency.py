@@ -20,8 +20,9 @@ load then weighs on both). Each (file, graph optimisation level) is timed as the
 Then the demo page itself (`edgesam demo`'s server and page on a bundle of these files), with
 the fp32 and the int8 decoder, each with and without the page's warm-up after loading: skimage's
 astronaut encoded once, then --page-clicks single clicks (cleared in between); per click the
-page's own figures, the decoder run and the mask upscaling to the 512 x 512 image, i.e. what a
-user waits for after a click (clicks 1-3 apart: that is where WebAssembly tier-up shows).
+page's own figures: the decoder run and the mask upscaling to the 512 x 512 image, each kept,
+and their sum, what a user waits for after a click (clicks 1-3 apart: that is where
+WebAssembly tier-up shows).
 """
 
 from __future__ import annotations
@@ -291,16 +292,20 @@ def page_clicks(browser: Browser, bundle: Path, decoder: str, clicks: int, warm_
             page.set_input_files("#file", str(Path(tmp) / "astronaut.png"))
             page.wait_for_function(f"() => {state}?.encodes > 0 && {state}.status === 'ready'", timeout=300_000)
         encoder_ms = page.evaluate(f"() => {state}.timings.encoderMs")
-        rect, times = page.locator("#overlay").bounding_box(), []
+        rect, times, split = page.locator("#overlay").bounding_box(), [], {"decoder_ms": [], "mask_ms": []}
         for i in range(clicks):
             decodes = page.evaluate(f"() => {state}.decodes")
             page.mouse.click(rect["x"] + rect["width"] * (0.3 + 0.4 * i / clicks), rect["y"] + rect["height"] * 0.4)
             page.wait_for_function(f"() => {state}.decodes > {decodes}", timeout=60_000)
             t = page.evaluate(f"() => {state}.timings")
             times.append(round(t["decoderMs"] + t["maskMs"], 1))
+            split["decoder_ms"].append(round(t["decoderMs"], 1))
+            split["mask_ms"].append(round(t["maskMs"], 1))
             page.click("#clear")
-        return {"warm_up_ms": warm_up_ms, "first_encoder_ms": encoder_ms, "click_ms": times,
-                "first_3_ms": statistics.median(times[:3]), "later_ms": statistics.median(times[3:])}
+        return {"warm_up_ms": warm_up_ms, "first_encoder_ms": encoder_ms, "click_ms": times, **split,
+                "first_3_ms": statistics.median(times[:3]), "later_ms": statistics.median(times[3:]),
+                "later_decoder_ms": statistics.median(split["decoder_ms"][3:]),
+                "later_mask_ms": statistics.median(split["mask_ms"][3:])}
     finally:
         page.close()
         server.shutdown()
@@ -396,10 +401,10 @@ def main() -> None:
             print(f"    browser: {row['browser_error'][:200]}")
     if clicks:
         print(f"\n{'demo page (decoder + mask upscaling per click)':48} {'warm-up':>8} {'1st encode':>10} "
-              f"{'clicks 1-3':>10} {'later':>6}")
+              f"{'clicks 1-3':>10} {'later':>6} {'(decoder':>8} {'+ mask)':>7}")
     for name, c in clicks.items():
         print(f"{name:48} {c['warm_up_ms']:8.0f} {c['first_encoder_ms']:10.0f} {c['first_3_ms']:10.1f} "
-              f"{c['later_ms']:6.1f}")
+              f"{c['later_ms']:6.1f} {c['later_decoder_ms']:8.1f} {c['later_mask_ms']:7.1f}")
     print(f"\nwrote {args.out}")
 
 

@@ -264,7 +264,7 @@ def test_page_runs_the_int8_decoder_by_default(browser, smoke_bundle, tmp_path, 
     predictor.set_image(astronaut)
     messages: list[str] = []
     with Served(smoke_bundle) as url:
-        page = open_page(browser, url + "?warmup=2000", messages)  # seconds of decoder runs on zeros
+        page = open_page(browser, url + "?warmup=2000", messages)  # seconds of warm-up runs
         page.set_input_files("#file", str(photo))
         assert page.evaluate("() => window.edgesam.state.status") in ("starting", "loading", "warming", "reading")
         state = wait_status(page, ("ready", "error"), messages, "window.edgesam.state.encodes > 0")

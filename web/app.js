@@ -8,7 +8,7 @@ const $ = (id) => document.getElementById(id);
 const DRAG_PIXELS = 5; // a press that moves less than this (screen pixels) is a click
 const MASK_RGBA = [30, 144, 255, 115];
 const params = new URLSearchParams(location.search);
-// ?warmup=N: decoder runs on zeros after loading (0: no warm-up at all); default in model.js
+// ?warmup=N: click-path runs on a random embedding after loading (0: no warm-up at all); default in model.js
 const WARM_UP_RUNS = params.has('warmup') ? Number(params.get('warmup')) : undefined;
 const state = {
   status: 'starting', error: '', encodes: 0, decodes: 0, points: [], labels: [], box: null,

@@ -12,6 +12,17 @@ export const DECODER_ROLES = { decoder: 'fp32', decoder_int8: 'int8', decoder_fp
 const WARM_UP_DECODER_RUNS = 10;
 let runtime = null;
 
+/** `n` values in [-1, 1) from a fixed linear congruential stream (the same warm-up on every load). */
+function uniformNoise(n) {
+  const values = new Float32Array(n);
+  let seed = 1;
+  for (let i = 0; i < n; i++) {
+    seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0;
+    values[i] = seed / 2 ** 31 - 1;
+  }
+  return values;
+}
+
 /** onnxruntime-web for `backend`, set up once per page (its thread count cannot change later). */
 export async function onnxRuntime(backend = 'wasm', threads = 0) {
   if (runtime) return runtime;
@@ -91,19 +102,29 @@ export class Segmenter {
   }
 
   /**
-   * Run the decoder `decoderRuns` times on a zero embedding, so that the first clicks run at full
-   * speed: browsers compile WebAssembly with a baseline compiler first and optimise the hot
-   * functions during the first runs (in Chromium the first 4-6 clicks took 1.5-2.5x the later
-   * ones without it, docs/DEMO.md). The encoder is not warmed up: that bought nothing measurable
-   * for the first image. Returns the milliseconds spent.
+   * Run a click's whole path `decoderRuns` times (decoder run, mask upscaling to an img_size
+   * square, threshold) on a random embedding, so that the first clicks run at full speed:
+   * browsers compile WebAssembly and JavaScript with a baseline compiler first and optimise the
+   * hot functions during the first runs (in Chromium the first 4-6 clicks took 1.5-2.5x the
+   * later ones without it, docs/DEMO.md). Not zeros: on a zero embedding the kernels take
+   * shorter paths and stay half-optimised (the first clicks after such a warm-up were still
+   * 1.5x slower). The encoder is not warmed up: that bought nothing measurable for the first
+   * image. Returns the milliseconds spent.
    */
   async warmUp(decoderRuns = WARM_UP_DECODER_RUNS) {
     const { ort } = runtime;
     const start = performance.now();
     const shape = metadataShape(this.encoder.outputMetadata);
-    const embedding = new ort.Tensor('float32', new Float32Array(shape.reduce((a, b) => a * b, 1)), shape);
-    const center = [[this.config.img_size / 2, this.config.img_size / 2]];
-    for (let i = 0; i < decoderRuns; i++) await this.decode(embedding, promptArrays(center, [1], null));
+    const embedding = new ort.Tensor('float32', uniformNoise(shape.reduce((a, b) => a * b, 1)), shape);
+    const size = this.config.img_size;
+    const square = [size, size];
+    const maps = upsampleMaps(this.lowHW, size, square, square);
+    const plane = this.lowHW[0] * this.lowHW[1];
+    for (let i = 0; i < decoderRuns; i++) {
+      const { masks } = await this.decode(embedding, promptArrays([[size / 2, size / 2]], [1], null));
+      binaryMask(upsampleLogits(masks.data.subarray(0, plane), this.lowHW, size, square, square, maps),
+        this.config.mask_threshold);
+    }
     return performance.now() - start;
   }
 
