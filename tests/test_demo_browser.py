@@ -279,3 +279,69 @@ def test_page_runs_the_int8_decoder_by_default(browser, smoke_bundle, tmp_path, 
         print(f"int8 decoder: click mask IoU {iou(got, want):.6f}, {int(got.sum())} vs {int(want.sum())} pixels")
         assert 0 < want.sum() < want.size and iou(got, want) >= IOU_MIN, (iou(got, want), got.sum(), want.sum())
         page.close()
+
+
+@pytest.fixture(scope="session")
+def webgpu_browser():
+    """Chromium with WebGPU on (`--enable-unsafe-webgpu`: on a machine without a GPU, Chromium's
+    SwiftShader adapter, WebGPU computed on the CPU): the page's WebGPU backend, checked for
+    results, not for speed."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=find_chromium(), headless=True,
+                                             args=["--no-sandbox", "--disable-dev-shm-usage", "--enable-unsafe-webgpu"])
+        yield browser
+        browser.close()
+
+
+def test_page_on_webgpu_masks_match_onnx_predictor(webgpu_browser, tmp_path, astronaut):
+    """`?backend=webgpu`: onnxruntime-web's WebGPU execution provider runs the reference teacher's
+    encoder and decoder; the click and box masks agree with OnnxPredictor's (CPU, float32)."""
+    from edgesam.client.predictor import OnnxPredictor
+
+    bundle = reference_teacher_bundle(tmp_path / "bundle")
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(astronaut).save(photo)
+    hw = astronaut.shape[:2]
+    predictor = OnnxPredictor(bundle)
+    predictor.set_image(astronaut)
+    messages: list[str] = []
+    with Served(bundle) as url:
+        page = open_page(webgpu_browser, url + "?backend=webgpu&decoder=decoder&warmup=1", messages)
+        adapter = page.evaluate("async () => navigator.gpu ? Boolean(await navigator.gpu.requestAdapter()) : false")
+        if not adapter:
+            pytest.skip("this Chromium offers no WebGPU adapter, not even SwiftShader's")
+        state = wait_status(page, ("ready", "error"), messages)
+        assert state["status"] == "ready" and state["backend"] == "webgpu", state
+        device = page.evaluate("async () => { const ort = await import('/ort/ort.webgpu.min.mjs');"
+                               " return Boolean(await ort.env.webgpu.device); }")
+        assert device, "onnxruntime-web made no WebGPU device: the sessions ran on WebAssembly"
+        page.set_input_files("#file", str(photo))
+        state = wait_status(page, ("ready", "error"), messages, "window.edgesam.state.encodes > 0")
+        assert state["status"] == "ready", state["error"]
+
+        state = decode_after(page, lambda: page.mouse.click(*screen_point(page, 260, 180, hw)), 0, messages)
+        assert state["status"] == "ready", state["error"]
+        masks, scores, _ = predictor.predict(np.array(state["points"]), np.array([1]), multimask_output=True)
+        want, got = masks[int(np.argmax(scores))], page_mask(page, hw)
+        print(f"webgpu: click mask IoU {iou(got, want):.6f}, {int(got.sum())} vs {int(want.sum())} pixels")
+        assert 0 < want.sum() < want.size and iou(got, want) >= IOU_MIN, (iou(got, want), got.sum(), want.sum())
+
+        page.click("#clear")
+        decodes = page.evaluate("() => window.edgesam.state.decodes")
+
+        def drag() -> None:
+            page.mouse.move(*screen_point(page, 140, 60, hw))
+            page.mouse.down()
+            page.mouse.move(*screen_point(page, 380, 330, hw), steps=8)
+            page.mouse.up()
+
+        state = decode_after(page, drag, decodes, messages)
+        assert state["status"] == "ready", state["error"]
+        masks, _, _ = predictor.predict(box=np.array(state["box"]), multimask_output=False)
+        got = page_mask(page, hw)
+        print(f"webgpu: box mask IoU {iou(got, masks[0]):.6f}, {int(got.sum())} vs {int(masks[0].sum())} pixels")
+        assert 0 < masks[0].sum() < masks[0].size and iou(got, masks[0]) >= IOU_MIN
+        assert "WebGPU" in page.locator("#timings").inner_text()
+        page.close()
+    assert not [m for m in messages if m.startswith("pageerror")], messages

@@ -97,7 +97,10 @@ export class Segmenter {
   }
 
   static async load(config, encoderRole, decoderRole = 'decoder') {
-    const [encoder, decoder] = await Promise.all([createSession(config, encoderRole), createSession(config, decoderRole)]);
+    // One after the other: onnxruntime-web's WebGPU provider refuses a session while another is
+    // being created ("another WebGPU EP inference session is being created").
+    const encoder = await createSession(config, encoderRole);
+    const decoder = await createSession(config, decoderRole);
     return new Segmenter(config, encoder, decoder);
   }
 
