@@ -8,7 +8,7 @@ const ORT_MODULES = { wasm: '/ort/ort.wasm.min.mjs', webgpu: '/ort/ort.webgpu.mi
 export const ENCODER_ROLES = { encoder: 'fp32', encoder_int8: 'int8', encoder_fp16: 'fp16' };
 // The page's decoders: the client interface (N prompt sets, mask input) in each precision the bundle has.
 export const DECODER_ROLES = { decoder: 'fp32', decoder_int8: 'int8', decoder_fp16: 'fp16' };
-// Decoder runs on zeros after loading: enough for Chromium's WebAssembly tier-up (docs/DEMO.md).
+// Click-path runs on a random embedding after loading: enough for Chromium's WebAssembly tier-up (docs/DEMO.md).
 const WARM_UP_DECODER_RUNS = 10;
 let runtime = null;
 
