@@ -93,14 +93,22 @@ def bundle(request, tmp_path_factory) -> tuple[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def browser():
+def playwright():
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
-    executable = find_chromium()
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, headless=True,
-                                             args=["--no-sandbox", "--disable-dev-shm-usage"])
-        yield browser
-        browser.close()
+        yield playwright
+
+
+def launch(playwright, *args: str):
+    return playwright.chromium.launch(executable_path=find_chromium(), headless=True,
+                                      args=["--no-sandbox", "--disable-dev-shm-usage", *args])
+
+
+@pytest.fixture(scope="session")
+def browser(playwright):
+    browser = launch(playwright)
+    yield browser
+    browser.close()
 
 
 class Served:
@@ -157,62 +165,75 @@ def decode_after(page, action, decodes: int, messages: list[str]) -> dict:
     return wait_status(page, ("ready", "error"), messages, f"window.edgesam.state.decodes > {decodes}")
 
 
-def test_page_masks_match_onnx_predictor(browser, bundle, tmp_path, astronaut):
+def photo_and_predictor(image: np.ndarray, bundle: Path, folder: Path, **options):
+    """The photo as a PNG file for the page, its (h, w), and OnnxPredictor set to it."""
     from edgesam.client.predictor import OnnxPredictor
 
-    name, bundle = bundle
+    photo = folder / "astronaut.png"
+    Image.fromarray(image).save(photo)
+    predictor = OnnxPredictor(bundle, **options)
+    predictor.set_image(image)
+    return photo, image.shape[:2], predictor
 
-    photo = tmp_path / "astronaut.png"
-    Image.fromarray(astronaut).save(photo)
-    hw = astronaut.shape[:2]
-    predictor = OnnxPredictor(bundle)
-    predictor.set_image(astronaut)
+
+def open_image(page, photo: Path, hw: tuple[int, int], messages: list[str]) -> None:
+    """Wait for the models, set `photo` and wait for its encoding."""
+    state = wait_status(page, ("ready", "error"), messages)
+    assert state["status"] == "ready", state["error"]
+    page.set_input_files("#file", str(photo))
+    state = wait_status(page, ("ready", "error"), messages, "window.edgesam.state.encodes > 0")
+    assert state["status"] == "ready", state["error"]
+    assert (state["height"], state["width"]) == hw
+
+
+def click_and_box_match(page, predictor, hw: tuple[int, int], name: str, messages: list[str]) -> None:
+    """A click, then a dragged box, with the mouse: the page's masks and chosen tokens are
+    `predictor`'s on the same prompts."""
+    # A click: the best of SAM's three multimask outputs, as the page shows it.
+    state = decode_after(page, lambda: page.mouse.click(*screen_point(page, 260, 180, hw)), 0, messages)
+    assert state["status"] == "ready", state["error"]
+    (x, y), = state["points"]
+    assert abs(x - 260.5) < 1 and abs(y - 180.5) < 1
+    masks, scores, _ = predictor.predict(np.array([[x, y]]), np.array([1]), multimask_output=True)
+    want = masks[int(np.argmax(scores))]
+    got = page_mask(page, hw)
+    assert 0 < want.sum() < want.size
+    print(f"{name}: click mask IoU {iou(got, want):.6f}, {int(got.sum())} vs {int(want.sum())} pixels")
+    assert iou(got, want) >= IOU_MIN, (iou(got, want), got.sum(), want.sum())
+    assert state["token"] == 1 + int(np.argmax(scores))
+
+    # A dragged box (the click cleared first): the single-mask output.
+    page.click("#clear")
+    decodes = state["decodes"]
+
+    def drag() -> None:
+        page.mouse.move(*screen_point(page, 140, 60, hw))
+        page.mouse.down()
+        page.mouse.move(*screen_point(page, 300, 200, hw), steps=8)
+        page.mouse.move(*screen_point(page, 380, 330, hw), steps=8)
+        page.mouse.up()
+
+    state = decode_after(page, drag, decodes, messages)
+    assert state["status"] == "ready", state["error"]
+    assert state["points"] == [] and state["box"] is not None
+    box = np.array(state["box"])
+    np.testing.assert_allclose(box, [140.5, 60.5, 380.5, 330.5], atol=1)
+    masks, _, _ = predictor.predict(box=box, multimask_output=False)
+    got = page_mask(page, hw)
+    assert 0 < masks[0].sum() < masks[0].size
+    print(f"{name}: box mask IoU {iou(got, masks[0]):.6f}, {int(got.sum())} vs {int(masks[0].sum())} pixels")
+    assert iou(got, masks[0]) >= IOU_MIN, (iou(got, masks[0]), got.sum(), masks[0].sum())
+    assert state["token"] == 0
+
+
+def test_page_masks_match_onnx_predictor(browser, bundle, tmp_path, astronaut):
+    name, bundle = bundle
+    photo, hw, predictor = photo_and_predictor(astronaut, bundle, tmp_path)
     messages: list[str] = []
     with Served(bundle) as url:
         page = open_page(browser, url + "?decoder=decoder", messages)  # fp32, as OnnxPredictor's default
-        state = wait_status(page, ("ready", "error"), messages)
-        assert state["status"] == "ready", state["error"]
-        page.set_input_files("#file", str(photo))
-        state = wait_status(page, ("ready", "error"), messages, "window.edgesam.state.encodes > 0")
-        assert state["status"] == "ready", state["error"]
-        assert (state["height"], state["width"]) == hw
-
-        # A click: the best of SAM's three multimask outputs, as the page shows it.
-        state = decode_after(page, lambda: page.mouse.click(*screen_point(page, 260, 180, hw)), 0, messages)
-        assert state["status"] == "ready", state["error"]
-        (x, y), = state["points"]
-        assert abs(x - 260.5) < 1 and abs(y - 180.5) < 1
-        masks, scores, _ = predictor.predict(np.array([[x, y]]), np.array([1]), multimask_output=True)
-        want = masks[int(np.argmax(scores))]
-        got = page_mask(page, hw)
-        assert 0 < want.sum() < want.size
-        print(f"{name}: click mask IoU {iou(got, want):.6f}, {int(got.sum())} vs {int(want.sum())} pixels")
-        assert iou(got, want) >= IOU_MIN, (iou(got, want), got.sum(), want.sum())
-        assert state["token"] == 1 + int(np.argmax(scores))
-
-        # A dragged box (the click cleared first): the single-mask output.
-        page.click("#clear")
-        decodes = state["decodes"]
-
-        def drag() -> None:
-            page.mouse.move(*screen_point(page, 140, 60, hw))
-            page.mouse.down()
-            page.mouse.move(*screen_point(page, 300, 200, hw), steps=8)
-            page.mouse.move(*screen_point(page, 380, 330, hw), steps=8)
-            page.mouse.up()
-
-        state = decode_after(page, drag, decodes, messages)
-        assert state["status"] == "ready", state["error"]
-        assert state["points"] == [] and state["box"] is not None
-        box = np.array(state["box"])
-        np.testing.assert_allclose(box, [140.5, 60.5, 380.5, 330.5], atol=1)
-        masks, _, _ = predictor.predict(box=box, multimask_output=False)
-        got = page_mask(page, hw)
-        assert 0 < masks[0].sum() < masks[0].size
-        print(f"{name}: box mask IoU {iou(got, masks[0]):.6f}, {int(got.sum())} vs {int(masks[0].sum())} pixels")
-        assert iou(got, masks[0]) >= IOU_MIN, (iou(got, masks[0]), got.sum(), masks[0].sum())
-        assert state["token"] == 0
-
+        open_image(page, photo, hw, messages)
+        click_and_box_match(page, predictor, hw, name, messages)
         timings = page.locator("#timings").inner_text()
         assert "encoder" in timings and "decoder" in timings, timings
         shots = Path(os.environ.get("EDGESAM_DEMO_SCREENSHOTS", tmp_path))
@@ -255,13 +276,7 @@ def test_page_runs_the_int8_decoder_by_default(browser, smoke_bundle, tmp_path, 
     """A bundle with an int8 decoder: the page picks it (the menu's default), and its click mask
     is the one OnnxPredictor gives with the same file. The image is opened while the page still
     warms up (a long warm-up asked for): it is encoded once, after the warm-up."""
-    from edgesam.client.predictor import OnnxPredictor
-
-    photo = tmp_path / "astronaut.png"
-    Image.fromarray(astronaut).save(photo)
-    hw = astronaut.shape[:2]
-    predictor = OnnxPredictor(smoke_bundle, decoder_precision="int8")
-    predictor.set_image(astronaut)
+    photo, hw, predictor = photo_and_predictor(astronaut, smoke_bundle, tmp_path, decoder_precision="int8")
     messages: list[str] = []
     with Served(smoke_bundle) as url:
         page = open_page(browser, url + "?warmup=2000", messages)  # seconds of warm-up runs
@@ -282,66 +297,32 @@ def test_page_runs_the_int8_decoder_by_default(browser, smoke_bundle, tmp_path, 
 
 
 @pytest.fixture(scope="session")
-def webgpu_browser():
+def webgpu_browser(playwright):
     """Chromium with WebGPU on (`--enable-unsafe-webgpu`: on a machine without a GPU, Chromium's
     SwiftShader adapter, WebGPU computed on the CPU): the page's WebGPU backend, checked for
     results, not for speed."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=find_chromium(), headless=True,
-                                             args=["--no-sandbox", "--disable-dev-shm-usage", "--enable-unsafe-webgpu"])
-        yield browser
-        browser.close()
+    browser = launch(playwright, "--enable-unsafe-webgpu")
+    yield browser
+    browser.close()
 
 
 def test_page_on_webgpu_masks_match_onnx_predictor(webgpu_browser, tmp_path, astronaut):
     """`?backend=webgpu`: onnxruntime-web's WebGPU execution provider runs the reference teacher's
     encoder and decoder; the click and box masks agree with OnnxPredictor's (CPU, float32)."""
-    from edgesam.client.predictor import OnnxPredictor
-
     bundle = reference_teacher_bundle(tmp_path / "bundle")
-    photo = tmp_path / "astronaut.png"
-    Image.fromarray(astronaut).save(photo)
-    hw = astronaut.shape[:2]
-    predictor = OnnxPredictor(bundle)
-    predictor.set_image(astronaut)
+    photo, hw, predictor = photo_and_predictor(astronaut, bundle, tmp_path)
     messages: list[str] = []
     with Served(bundle) as url:
         page = open_page(webgpu_browser, url + "?backend=webgpu&decoder=decoder&warmup=1", messages)
         adapter = page.evaluate("async () => navigator.gpu ? Boolean(await navigator.gpu.requestAdapter()) : false")
         if not adapter:
             pytest.skip("this Chromium offers no WebGPU adapter, not even SwiftShader's")
-        state = wait_status(page, ("ready", "error"), messages)
-        assert state["status"] == "ready" and state["backend"] == "webgpu", state
+        open_image(page, photo, hw, messages)
+        assert page.evaluate("() => window.edgesam.state.backend") == "webgpu"
         device = page.evaluate("async () => { const ort = await import('/ort/ort.webgpu.min.mjs');"
                                " return Boolean(await ort.env.webgpu.device); }")
         assert device, "onnxruntime-web made no WebGPU device: the sessions ran on WebAssembly"
-        page.set_input_files("#file", str(photo))
-        state = wait_status(page, ("ready", "error"), messages, "window.edgesam.state.encodes > 0")
-        assert state["status"] == "ready", state["error"]
-
-        state = decode_after(page, lambda: page.mouse.click(*screen_point(page, 260, 180, hw)), 0, messages)
-        assert state["status"] == "ready", state["error"]
-        masks, scores, _ = predictor.predict(np.array(state["points"]), np.array([1]), multimask_output=True)
-        want, got = masks[int(np.argmax(scores))], page_mask(page, hw)
-        print(f"webgpu: click mask IoU {iou(got, want):.6f}, {int(got.sum())} vs {int(want.sum())} pixels")
-        assert 0 < want.sum() < want.size and iou(got, want) >= IOU_MIN, (iou(got, want), got.sum(), want.sum())
-
-        page.click("#clear")
-        decodes = page.evaluate("() => window.edgesam.state.decodes")
-
-        def drag() -> None:
-            page.mouse.move(*screen_point(page, 140, 60, hw))
-            page.mouse.down()
-            page.mouse.move(*screen_point(page, 380, 330, hw), steps=8)
-            page.mouse.up()
-
-        state = decode_after(page, drag, decodes, messages)
-        assert state["status"] == "ready", state["error"]
-        masks, _, _ = predictor.predict(box=np.array(state["box"]), multimask_output=False)
-        got = page_mask(page, hw)
-        print(f"webgpu: box mask IoU {iou(got, masks[0]):.6f}, {int(got.sum())} vs {int(masks[0].sum())} pixels")
-        assert 0 < masks[0].sum() < masks[0].size and iou(got, masks[0]) >= IOU_MIN
+        click_and_box_match(page, predictor, hw, "webgpu", messages)
         assert "WebGPU" in page.locator("#timings").inner_text()
         page.close()
     assert not [m for m in messages if m.startswith("pageerror")], messages
