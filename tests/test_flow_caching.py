@@ -270,6 +270,8 @@ def test_ablation_flow_reruns_prompt_kd_per_variant_and_tabulates_intervals_from
     assert [e.model_name for e in evaluations] == ["baseline", *variants]
     assert all(e.annotations == 12 and e.images == 12 and e.backbone == "repvit_m1" for e in evaluations)
     assert len({e.model_digest for e in evaluations}) == 3 and len({e.benchmark_digest for e in evaluations}) == 1
+    other = edgesam_ablations(profile="smoke", work_dir=tmp_path / "runs", variants=variants[:1])
+    assert other["run_id"] != result["run_id"] and len(ledger.run(other["run_id"])) == 2  # the baseline again, own id
     again = edgesam_ablations(profile="smoke", work_dir=tmp_path / "runs", variants=variants)
     assert again["run_id"] == result["run_id"] and len(ledger.run(result["run_id"])) == 3  # nothing appended twice
 

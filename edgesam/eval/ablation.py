@@ -61,14 +61,24 @@ def _evaluation(run: Artifact) -> tuple[EvaluationKey, list[IoURecord], str]:
     return key, records, store.upstream(run, "encoder_kd").manifest["config"]["backbone"]
 
 
+def _recorded(ledger: Ledger, run_id: str) -> set[EvaluationKey]:
+    """The keys already recorded under `run_id` (none before its first append)."""
+    if not ledger.path.is_file():
+        return set()
+    try:
+        return {e.key for e in ledger.run(run_id)}
+    except LedgerError:  # no evaluation under this id yet
+        return set()
+
+
 def append_ablations(ledger: Ledger, runs: Mapping[str, Artifact]) -> str:
     """Record each variant's (name -> its prompt_kd artifact) val measurement in `ledger` under
     the runs' id, once (a rerun of the same runs appends nothing); returns the run id."""
     run_id = ablation_run_id(runs)
+    recorded = _recorded(ledger, run_id)
     for name, run in runs.items():
         key, records, backbone = _evaluation(run)
-        found = ledger.find(key)
-        if found is not None and found.run_id == run_id:
+        if key in recorded:
             continue
         metrics = []
         for prompt in ABLATION_PROMPTS:
