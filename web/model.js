@@ -122,13 +122,19 @@ export class Segmenter {
     const size = this.config.img_size;
     const square = [size, size];
     const maps = upsampleMaps(this.lowHW, size, square, square);
-    const plane = this.lowHW[0] * this.lowHW[1];
     for (let i = 0; i < decoderRuns; i++) {
       const { masks } = await this.decode(embedding, promptArrays([[size / 2, size / 2]], [1], null));
-      binaryMask(upsampleLogits(masks.data.subarray(0, plane), this.lowHW, size, square, square, maps),
-        this.config.mask_threshold);
+      this.binaryMaskOf(masks, 0, square, square, maps);
     }
     return performance.now() - start;
+  }
+
+  /** The 0 / 1 mask at `originalHW` of mask token `token` of the decoder's low-res `masks`. */
+  binaryMaskOf(masks, token, inputHW, originalHW, maps) {
+    const plane = this.lowHW[0] * this.lowHW[1];
+    const low = masks.data.subarray(token * plane, (token + 1) * plane);
+    const logits = upsampleLogits(low, this.lowHW, this.config.img_size, inputHW, originalHW, maps);
+    return binaryMask(logits, this.config.mask_threshold);
   }
 
   /** One decoder run on `embedding` for the prompt arrays of `promptArrays` (coordinates at the input size). */
@@ -174,10 +180,7 @@ export class Segmenter {
     const { scores, masks } = await this.decode(this.embeddings, prompt);
     const decoded = performance.now();
     const token = chooseToken(scores.data, points.length, Boolean(box));
-    const plane = this.lowHW[0] * this.lowHW[1];
-    const low = masks.data.subarray(token * plane, (token + 1) * plane);
-    const logits = upsampleLogits(low, this.lowHW, config.img_size, this.inputHW, this.originalHW, this.maps);
-    const mask = binaryMask(logits, config.mask_threshold);
+    const mask = this.binaryMaskOf(masks, token, this.inputHW, this.originalHW, this.maps);
     return { mask, token, score: scores.data[token], decoderMs: decoded - start, maskMs: performance.now() - decoded };
   }
 }

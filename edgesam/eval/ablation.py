@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from edgesam.artifacts import Artifact, ArtifactStore
-from edgesam.eval.ledger import EvaluationKey, Ledger, LedgerError
-from edgesam.eval.stats import LEVEL, miou_interval, paired_difference, per_image
+from edgesam.eval.benchmark import ledger_metrics
+from edgesam.eval.ledger import Evaluation, EvaluationKey, Ledger, LedgerError
+from edgesam.eval.stats import LEVEL, miou_interval, paired_difference
 from edgesam.metrics import IoURecord
 from edgesam.store.code import code_version
 
@@ -61,13 +62,16 @@ def _evaluation(run: Artifact) -> tuple[EvaluationKey, list[IoURecord], str]:
     return key, records, store.upstream(run, "encoder_kd").manifest["config"]["backbone"]
 
 
+def _evaluations(ledger: Ledger, run_id: str) -> list[Evaluation]:
+    """The ablation evaluations of `run_id`, in the order they were appended."""
+    return [e for e in ledger.run(run_id) if e.protocol_name == PROTOCOL_NAME]
+
+
 def _recorded(ledger: Ledger, run_id: str) -> set[EvaluationKey]:
     """The keys already recorded under `run_id` (none before its first append)."""
-    if not ledger.path.is_file():
-        return set()
     try:
-        return {e.key for e in ledger.run(run_id)}
-    except LedgerError:  # no evaluation under this id yet
+        return {e.key for e in _evaluations(ledger, run_id)}
+    except LedgerError:  # no ledger, or no evaluation under this id yet
         return set()
 
 
@@ -78,22 +82,15 @@ def append_ablations(ledger: Ledger, runs: Mapping[str, Artifact]) -> str:
     recorded = _recorded(ledger, run_id)
     for name, run in runs.items():
         key, records, backbone = _evaluation(run)
-        if key in recorded:
-            continue
-        metrics = []
-        for prompt in ABLATION_PROMPTS:
-            m = miou_interval(per_image(records, STUDENT, DATASET, prompt))
-            metrics.append({"dataset": DATASET, "prompt": prompt, "metric": "miou", "value": m["miou"], "low": m["low"],
-                            "high": m["high"], "images": m["images"], "annotations": m["annotations"]})
-        ledger.append(key, name, backbone, PROTOCOL_NAME, metrics, records, run_id)
+        if key not in recorded:
+            ledger.append(key, name, backbone, PROTOCOL_NAME, ledger_metrics(records, STUDENT, DATASET), records, run_id)
     return run_id
 
 
 def ablation_rows(ledger: Ledger, run_id: str) -> list[dict[str, Any]]:
     """Per variant of the run and prompt: the val mIoU with its interval, and the paired
     difference to the baseline (the same val annotations), from the ledger's IoUs."""
-    found = [e for e in ledger.run(run_id) if e.protocol_name == PROTOCOL_NAME]
-    by_name = {e.model_name: e for e in found}
+    by_name = {e.model_name: e for e in _evaluations(ledger, run_id)}
     if BASELINE not in by_name:
         raise LedgerError(f"run {run_id!r} has no {BASELINE!r} evaluation (variants: {sorted(by_name)})")
     ious = {name: {p: ledger.per_image(e.id, DATASET, p) for p in ABLATION_PROMPTS} for name, e in by_name.items()}
@@ -128,7 +125,7 @@ def ablation_table(rows: list[dict[str, Any]]) -> list[str]:
 def ablation_markdown(ledger: Ledger, run_id: str) -> str:
     """The ablation table of one ablations run, stamped with its id, date, commit and val data."""
     rows = ablation_rows(ledger, run_id)
-    first = next(e for e in ledger.run(run_id) if e.protocol_name == PROTOCOL_NAME)
+    first = _evaluations(ledger, run_id)[0]
     size = rows[0][ABLATION_PROMPTS[0]]
     return "\n".join([
         f"Ablations `{first.run_id}` of {first.created_at} (UTC), commit `{first.git_commit or 'unknown'}`; val data "
